@@ -1,0 +1,79 @@
+"""Any valid audio loads as mono float32 at the asked rate; bad audio fails naming the file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from valle_cli.audio import find_audio, load_audio, wav_bytes
+from valle_cli.errors import AudioError
+
+
+def _tone(rate: int, seconds: float = 0.5, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    x = 0.5 * np.sin(2 * np.pi * 440 * t)
+    return np.stack([x] * channels, axis=1) if channels > 1 else x
+
+
+@pytest.mark.parametrize("fmt,subtype,ext", [
+    ("WAV", "PCM_U8", ".wav"), ("WAV", "PCM_16", ".wav"), ("WAV", "PCM_24", ".wav"),
+    ("WAV", "FLOAT", ".wav"), ("FLAC", "PCM_16", ".flac"), ("OGG", "VORBIS", ".ogg"),
+    ("MP3", "MPEG_LAYER_III", ".mp3"),
+])
+def test_formats_and_bit_depths_load(tmp_path, fmt, subtype, ext):
+    path = tmp_path / f"a{ext}"
+    sf.write(path, _tone(44100), 44100, format=fmt, subtype=subtype)
+    wav, seconds = load_audio(path, 16000)
+    assert wav.dtype == np.float32 and wav.ndim == 1
+    assert abs(seconds - 0.5) < 0.06  # mp3 adds encoder padding
+    assert abs(len(wav) - 8000) < 1000
+    assert 0.3 < np.abs(wav).max() <= 1.0
+
+
+def test_multichannel_is_mixed_and_resampled(tmp_path):
+    sf.write(tmp_path / "s.wav", _tone(48000, channels=6), 48000)
+    wav, _ = load_audio(tmp_path / "s.wav", 24000)
+    assert len(wav) == 12000
+    assert np.abs(wav).max() == pytest.approx(0.5, abs=0.02)
+
+
+def test_float_above_full_scale_is_brought_into_range(tmp_path):
+    sf.write(tmp_path / "loud.wav", 3 * _tone(16000), 16000, subtype="FLOAT")
+    wav, _ = load_audio(tmp_path / "loud.wav", 16000)
+    assert np.abs(wav).max() <= 1.0
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p.write_bytes(b""), "empty file"),
+    (lambda p: p.write_bytes(b"RIFF\x00\x00garbage" * 10), "not a readable audio file"),
+    (lambda p: p.write_text("just some text, not audio"), "not a readable audio file"),
+    (lambda p: sf.write(p, np.full(8000, np.nan), 16000, subtype="FLOAT"), "NaN"),
+    (lambda p: sf.write(p, _tone(16000, seconds=0.01), 16000), "too short"),
+])
+def test_bad_audio_fails_naming_the_file(tmp_path, make, message):
+    path = tmp_path / "bad.wav"
+    make(path)
+    with pytest.raises(AudioError, match=message) as info:
+        load_audio(path, 16000)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(AudioError, match="no such file"):
+        load_audio(tmp_path / "nope.wav", 16000)
+
+
+def test_find_audio_is_recursive_sorted_and_skips_hidden(tmp_path):
+    for name in ["b/2.wav", "a/1.flac", "a/.hidden.wav", ".cache/x.wav", "a/notes.txt"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in find_audio(tmp_path)] == ["a/1.flac", "b/2.wav"]
+
+
+def test_wav_bytes_round_trip():
+    import io
+
+    data = wav_bytes(_tone(24000).astype(np.float32), 24000)
+    back, rate = sf.read(io.BytesIO(data))
+    assert rate == 24000 and len(back) == 12000

@@ -1,0 +1,127 @@
+"""quantize_folder: mirrors the tree, batches by length, resumes, shards, and lists bad files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import FakeCodec
+from valle_cli import formats
+from valle_cli.errors import CodecMismatchError, InputError, PartialFailure
+from valle_cli.quantize import _batches, Job, plan_jobs, quantize_file, quantize_folder
+
+
+def _write(path, seconds, rate=16000, freq=300.0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(rate * seconds)) / rate
+    sf.write(path, 0.3 * np.sin(2 * np.pi * freq * t) * (1 + np.sin(t * 7)), rate)
+
+
+@pytest.fixture
+def audio_dir(tmp_path):
+    root = tmp_path / "audio"
+    for i, sec in enumerate([0.4, 1.3, 0.7, 2.1]):
+        _write(root / f"spk{i % 2}" / f"u{i}.wav", sec, freq=200 + 50 * i)
+    return root
+
+
+def test_folder_is_mirrored_with_manifest(audio_dir, tmp_path, fake_codec):
+    out = tmp_path / "codes"
+    report = quantize_folder(audio_dir, out, fake_codec, batch_seconds=3.0)
+    assert report.written == 4 and report.skipped == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npz")) == [
+        "spk0/u0.npz", "spk0/u2.npz", "spk1/u1.npz", "spk1/u3.npz"]
+    item = formats.read_codes(out / "spk1/u3.npz")
+    assert item.codes.shape == (2, 105) and item.codec == fake_codec.spec
+    assert item.source == str((audio_dir / "spk1/u3.wav").resolve())
+    assert item.seconds == pytest.approx(2.1)
+    manifest = formats.read_manifest(out)
+    assert manifest["id"].to_list() == ["spk0/u0", "spk0/u2", "spk1/u1", "spk1/u3"]
+    assert manifest.filter(manifest["id"] == "spk1/u3")["frames"].item() == 105
+
+
+def test_batched_equals_per_file(audio_dir, tmp_path):
+    batched, single = FakeCodec(), FakeCodec()
+    quantize_folder(audio_dir, tmp_path / "b", batched, batch_seconds=100.0)
+    quantize_folder(audio_dir, tmp_path / "s", single, batch_seconds=0.0)
+    assert batched.calls == [4] and single.calls == [1, 1, 1, 1]
+    for p in (tmp_path / "b").rglob("*.npz"):
+        q = tmp_path / "s" / p.relative_to(tmp_path / "b")
+        assert np.array_equal(formats.read_codes(p).codes, formats.read_codes(q).codes)
+
+
+def test_batches_are_length_sorted_and_bounded():
+    jobs = [Job(source=None, id=str(i), out=None, seconds=s) for i, s in enumerate([5, 1, 3, 2, 4])]
+    batches = _batches(jobs, batch_seconds=6.0)
+    assert [[j.seconds for j in b] for b in batches] == [[1, 2], [3], [4], [5]]
+    assert all(len(b) * b[-1].seconds <= 6.0 or len(b) == 1 for b in batches)
+
+
+def test_rerun_skips_and_overwrite_redoes(audio_dir, tmp_path, fake_codec):
+    out = tmp_path / "codes"
+    quantize_folder(audio_dir, out, fake_codec)
+    mtime = (out / "spk0/u0.npz").stat().st_mtime_ns
+    again = quantize_folder(audio_dir, out, fake_codec)
+    assert (again.written, again.skipped) == (0, 4)
+    assert (out / "spk0/u0.npz").stat().st_mtime_ns == mtime
+    redo = quantize_folder(audio_dir, out, fake_codec, overwrite=True)
+    assert redo.written == 4
+
+
+def test_interrupted_run_continues(audio_dir, tmp_path, fake_codec):
+    out = tmp_path / "codes"
+    quantize_folder(audio_dir, out, fake_codec)
+    (out / "spk1/u1.npz").unlink()
+    report = quantize_folder(audio_dir, out, fake_codec)
+    assert (report.written, report.skipped) == (1, 3)
+    assert len(formats.read_manifest(out)) == 4
+
+
+def test_shards_split_the_corpus(audio_dir, tmp_path, fake_codec):
+    out = tmp_path / "codes"
+    parts = [quantize_folder(audio_dir, out, fake_codec, shard=(i, 3)).written for i in range(3)]
+    assert sum(parts) == 4 and all(p >= 1 for p in parts)
+    assert len(formats.read_manifest(out)) == 4
+
+
+def test_bad_files_are_listed_and_the_rest_written(audio_dir, tmp_path, fake_codec):
+    (audio_dir / "spk0/empty.wav").write_bytes(b"")
+    (audio_dir / "spk0/corrupt.wav").write_bytes(b"RIFF" + b"\x01" * 100)
+    sf.write(audio_dir / "spk1/nan.wav", np.full(4000, np.inf), 16000, subtype="FLOAT")
+    _write(audio_dir / "spk1/click.wav", 0.01)
+    out = tmp_path / "codes"
+    with pytest.raises(PartialFailure) as info:
+        quantize_folder(audio_dir, out, fake_codec)
+    assert sorted(k.rsplit("/", 1)[1] for k in info.value.failures) == [
+        "click.wav", "corrupt.wav", "empty.wav", "nan.wav"]
+    assert len(list(out.rglob("*.npz"))) == 4
+    assert not list(out.rglob(".*tmp*"))
+
+
+def test_duplicate_ids_are_failures(audio_dir, tmp_path, fake_codec):
+    _write(audio_dir / "spk0/u0.flac", 0.5)
+    jobs, failures = plan_jobs(audio_dir, tmp_path / "c")
+    assert len(jobs) == 4 and len(failures) == 1 and "same id" in next(iter(failures.values()))
+
+
+def test_mixing_codecs_in_one_folder_is_refused(audio_dir, tmp_path):
+    out = tmp_path / "codes"
+    quantize_folder(audio_dir, out, FakeCodec("a"))
+    _write(audio_dir / "spk0/new.wav", 0.5)
+    with pytest.raises(CodecMismatchError, match="already holds codes"):
+        quantize_folder(audio_dir, out, FakeCodec("b"))
+
+
+def test_missing_and_empty_inputs(tmp_path, fake_codec):
+    with pytest.raises(InputError, match="no such file"):
+        quantize_folder(tmp_path / "nope", tmp_path / "o", fake_codec)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no audio files"):
+        quantize_folder(tmp_path / "empty", tmp_path / "o", fake_codec)
+
+
+def test_quantize_file_matches_folder(audio_dir, tmp_path, fake_codec):
+    quantize_folder(audio_dir, tmp_path / "codes", fake_codec)
+    single = quantize_file(audio_dir / "spk1/u3.wav", fake_codec)
+    assert np.array_equal(single.codes, formats.read_codes(tmp_path / "codes/spk1/u3.npz").codes)

@@ -1,0 +1,127 @@
+"""valle quantize: audio -> codec codes (.npz per utterance + manifest.parquet)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from valle_cli.cli._common import Device, Log, Overwrite, Quiet, Seed, Verbose, progress
+
+HELP = """Encode audio into codec codes.
+
+Example: valle quantize audio/ -o codes/
+
+With no --codec, a built-in codec is fitted on (a sample of) the input and saved as
+codes/codec.safetensors (reused on reruns); it needs no download. --codec PATH reuses a fitted
+codec file; --codec encodec[:1.5|3|6|12|24] or dac[:44khz|24khz|16khz] use pretrained codecs.
+A folder is mirrored into one .npz per file plus manifest.parquet; finished files are skipped on
+a rerun (--overwrite redoes them). A single file (or - for stdin) gives one .npz (or - for stdout)
+and needs --codec. --fit-codec only fits: valle quantize --fit-codec audio/ -o codec.safetensors
+"""
+
+
+def _parse_shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: expected i/n, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise typer.BadParameter(f"{text!r}: need 0 <= i < n")
+    return i, n
+
+
+def command(
+    input: Annotated[Path, typer.Argument(help="Audio folder, audio file, or - for stdin.", allow_dash=True)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Codes folder, .npz file, - for stdout, "
+                                      "or the codec file with --fit-codec.", allow_dash=True)],
+    codec: Annotated[Optional[str], typer.Option(help="Codec file or encodec[:KBPS] / dac[:MODEL].")] = None,
+    fit_codec: Annotated[bool, typer.Option("--fit-codec", help="Only fit a built-in codec on INPUT.")] = False,
+    fit_seconds: Annotated[float, typer.Option(help="Audio sampled for fitting (seconds).")] = 1200.0,
+    codebooks: Annotated[int, typer.Option(help="Built-in codec: residual codebooks.")] = 8,
+    codebook_size: Annotated[int, typer.Option(help="Built-in codec: entries per codebook.")] = 1024,
+    batch_seconds: Annotated[float, typer.Option(help="Padded audio seconds per encoder batch.")] = 120.0,
+    workers: Annotated[int, typer.Option(help="Threads loading audio.")] = 4,
+    shard: Annotated[Optional[str], typer.Option(help="Process part i of n (0-based), e.g. 0/4.")] = None,
+    overwrite: Overwrite = False,
+    seed: Seed = 0,
+    device: Device = "auto",
+    quiet: Quiet = False,
+    verbose: Verbose = 0,
+) -> None:
+    Log.configure(quiet, verbose)
+    part = _parse_shard(shard)
+    from valle_cli import quantize as lib
+    from valle_cli.codecs import describe, load_codec
+    from valle_cli.common import resolve_device, seed_everything
+    from valle_cli.errors import InputError
+
+    seed_everything(seed)
+    dev = resolve_device(device)
+    if fit_codec:
+        if str(out) == "-":
+            raise InputError("--fit-codec writes a codec file: name it with -o codec.safetensors")
+        if out.exists() and not overwrite:
+            Log.info(f"{out} exists, skipping (--overwrite to refit)")
+            return
+        _fit(input, out, fit_seconds, codebooks, codebook_size, seed, dev)
+        return
+
+    if str(input) != "-" and input.is_dir():
+        if str(out) == "-":
+            raise InputError("a folder of audio gives a folder of codes: -o must name a folder")
+        codec_path = out / lib.CODEC_FILE
+        if codec is None and part != (0, 1) and not codec_path.exists():
+            raise InputError(f"--shard needs one codec for all parts: fit it first with "
+                             f"'valle quantize --fit-codec {input} -o {codec_path}'")
+        if codec is None and not codec_path.exists():
+            _fit(input, codec_path, fit_seconds, codebooks, codebook_size, seed, dev)
+        the_codec = load_codec(codec or str(codec_path), dev)
+        Log.detail(f"codec: {describe(the_codec.spec)} on {dev}")
+        jobs, _ = lib.plan_jobs(input, out, part)
+        total = sum(lib._header_seconds(j.source) for j in jobs if overwrite or not j.out.exists())
+        with progress("quantize", total=total, unit="audio s") as advance:
+            report = lib.quantize_folder(input, out, the_codec, batch_seconds=batch_seconds, workers=workers,
+                                         overwrite=overwrite, shard=part, on_progress=advance)
+        speed = report.audio_seconds / max(report.wall_seconds, 1e-9)
+        Log.info(f"{report.written} quantized, {report.skipped} already done, "
+                 f"{report.audio_seconds:.1f} s of audio at {speed:.1f} audio s/s -> {out}")
+        return
+
+    # One file (or stdin) -> one npz (or stdout).
+    if codec is None:
+        raise InputError("quantizing a single file needs --codec (a fitted codec file, encodec or dac)")
+    from valle_cli import formats
+
+    if str(out) != "-" and out.exists() and not overwrite:
+        Log.info(f"{out} exists, skipping (--overwrite to redo)")
+        return
+    the_codec = load_codec(codec, dev)
+    source = formats.read_input_bytes("-") if str(input) == "-" else input
+    item = lib.quantize_file(source, the_codec, name=formats.display_name(input))
+    formats.write_codes(out, item)
+    Log.info(f"{item.n_codebooks} x {item.n_frames} codes ({item.seconds:.2f} s) -> {formats.display_name(out)}")
+
+
+def _fit(input: Path, out: Path, fit_seconds: float, codebooks: int, codebook_size: int, seed: int,
+         device: str) -> None:
+    import time
+
+    from valle_cli.codecs.builtin import BuiltinCodec, BuiltinCodecConfig
+    from valle_cli.quantize import sample_for_fit
+
+    config = BuiltinCodecConfig(n_codebooks=codebooks, codebook_size=codebook_size)
+    start = time.perf_counter()
+    wavs = sample_for_fit(input, config.sample_rate, fit_seconds, seed)
+    seconds = sum(len(w) for w in wavs) / config.sample_rate
+    Log.info(f"fitting the built-in codec ({codebooks} x {codebook_size}) on {seconds:.0f} s of audio ...")
+    codec = BuiltinCodec.fit(wavs, config, seed=seed, device=device, progress=Log.detail)
+    codec.save(out)
+    Log.info(f"fitted in {time.perf_counter() - start:.1f} s -> {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("quantize", help=HELP, no_args_is_help=True)(command)

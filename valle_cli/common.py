@@ -1,0 +1,40 @@
+"""Device selection and seeding, shared by every stage. Imports torch lazily."""
+
+from __future__ import annotations
+
+import os
+import random
+
+from valle_cli.errors import ValleError
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> 'cuda' when available, else 'cpu'; validates 'cpu', 'cuda', 'cuda:N'."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValleError(f"--device {device}: no CUDA device is available here (use --device cpu or auto)")
+        if ":" in device:
+            index = device.split(":", 1)[1]
+            if not index.isdigit() or int(index) >= torch.cuda.device_count():
+                raise ValleError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return device
+    raise ValleError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def seed_everything(seed: int | None) -> None:
+    """Seed python, numpy and torch so a run with the same --seed gives the same result."""
+    if seed is None:
+        return
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
