@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 def run_valle(*args: str, input: bytes | None = None, cwd: Path | None = None, env: dict | None = None,
               timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``python -m valle_cli ARGS`` as a user would; stdout/stderr captured as bytes."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
-    full_env.pop("VALLE_DEBUG", None)
+    base = {k: v for k, v in os.environ.items() if k != "VALLE_DEBUG"}
+    full_env = {**base, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "valle_cli", *map(str, args)],
         input=input if input is not None else b"",

@@ -11,8 +11,12 @@ import errno
 import os
 import sys
 
-import click
 import typer
+
+try:  # typer >= 0.2x ships its own copy of click; older typers use click itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors
 
 from valle_cli import __version__
 from valle_cli.cli import decode, phonemize, quantize
@@ -70,15 +74,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         command.main(args=argv, prog_name="valle", standalone_mode=False)
         code = 0
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         code = e.exit_code
-    except click.UsageError as e:  # includes BadParameter, NoSuchOption, MissingParameter
+    except click_errors.UsageError as e:  # includes BadParameter, NoSuchOption, MissingParameter
         e.show()
         code = 2
-    except click.ClickException as e:
+    except click_errors.ClickException as e:
         e.show()
         code = e.exit_code
-    except (KeyboardInterrupt, click.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         print("Interrupted.", file=sys.stderr)
         code = 130
     except BrokenPipeError:

@@ -20,7 +20,8 @@ codes; --codec names it explicitly and must match.
 
 
 def command(
-    input: Annotated[Path, typer.Argument(help="Codes .npz, folder of them, or - for stdin.", allow_dash=True)],
+    input: Annotated[Path, typer.Argument(help="Codes .npz, folder of them, or - for stdin.", allow_dash=True,
+                                                 metavar="INPUT")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .wav, folder, or - for stdout.",
                                       allow_dash=True)],
     codec: Annotated[Optional[str], typer.Option(help="Codec file / name; must match the codes.")] = None,

@@ -35,7 +35,8 @@ def _parse_shard(text: str | None) -> tuple[int, int]:
 
 
 def command(
-    input: Annotated[Path, typer.Argument(help="Audio folder, audio file, or - for stdin.", allow_dash=True)],
+    input: Annotated[Path, typer.Argument(help="Audio folder, audio file, or - for stdin.", allow_dash=True,
+                                                 metavar="INPUT")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Codes folder, .npz file, - for stdout, "
                                       "or the codec file with --fit-codec.", allow_dash=True)],
     codec: Annotated[Optional[str], typer.Option(help="Codec file or encodec[:KBPS] / dac[:MODEL].")] = None,
@@ -59,6 +60,8 @@ def command(
     from valle_cli.common import resolve_device, seed_everything
     from valle_cli.errors import InputError
 
+    if str(input) != "-" and not input.exists():
+        raise InputError(f"{input}: no such file or folder")
     seed_everything(seed)
     dev = resolve_device(device)
     if fit_codec:
@@ -114,6 +117,7 @@ def _fit(input: Path, out: Path, fit_seconds: float, codebooks: int, codebook_si
     from valle_cli.quantize import sample_for_fit
 
     config = BuiltinCodecConfig(n_codebooks=codebooks, codebook_size=codebook_size)
+    out.parent.mkdir(parents=True, exist_ok=True)  # an unwritable output fails now, not after the fit
     start = time.perf_counter()
     wavs = sample_for_fit(input, config.sample_rate, fit_seconds, seed)
     seconds = sum(len(w) for w in wavs) / config.sample_rate

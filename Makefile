@@ -1,0 +1,29 @@
+# The two set-up commands of the README:  `make demo` (the main job, offline, CPU) and `make test`.
+# Both create .venv on first use: torch==2.13.0 first (the CPU build; an unpinned torch would
+# pull gigabytes of CUDA packages), then valle with its test tools.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint install clean-demo
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(MAKE) -C pipelines demo VALLE=$(abspath $(BIN))/valle PYTHON=$(abspath $(BIN))/python WORK=$(CURDIR)/work
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check valle_cli tests benchmarks examples
+
+clean-demo:
+	rm -rf work
