@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, run_valle
 
 VERBS = ["phonemize", "quantize", "decode"]
@@ -30,7 +29,7 @@ def test_help_is_fast_and_lists_only_real_verbs():
 def test_verb_help_starts_with_an_example(verb):
     res = run_valle(verb, "--help")
     assert res.returncode == 0
-    assert f"Example: valle {verb}" in res.stdout.decode() or f"Example: valle " in res.stdout.decode()
+    assert f"Example: valle {verb}" in res.stdout.decode() or "Example: valle " in res.stdout.decode()
     assert b"--quiet" in res.stdout and b"--verbose" in res.stdout
 
 

@@ -167,7 +167,7 @@ def quantize_folder(
             good = [(job, wav, sec) for job, wav, sec in loaded if wav is not None]
             if good:
                 codes = codec.encode([wav for _, wav, _ in good])
-                for (job, wav, seconds), c in zip(good, codes):
+                for (job, wav, seconds), c in zip(good, codes, strict=True):
                     expected = frames_for(len(wav), codec.sample_rate, codec.frame_rate)
                     assert c.shape == (codec.n_codebooks, expected), (c.shape, expected)
                     formats.write_codes(job.out, formats.Codes(

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -30,17 +30,17 @@ class Log:
     @classmethod
     def info(cls, msg: str) -> None:
         if cls.level >= 1:
-            console.print(msg, markup=False)
+            console.print(msg, markup=False, soft_wrap=True)
 
     @classmethod
     def detail(cls, msg: str) -> None:
         if cls.level >= 2:
-            console.print(msg, markup=False, style="dim")
+            console.print(msg, markup=False, style="dim", soft_wrap=True)
 
     @classmethod
     def warn(cls, msg: str) -> None:
         # Warnings survive -q: they tell the user something about their data.
-        console.print(f"Warning: {msg}", markup=False, style="yellow")
+        console.print(f"Warning: {msg}", markup=False, style="yellow", soft_wrap=True)
 
 
 @contextmanager
@@ -75,6 +75,6 @@ def stdin_is_terminal() -> bool:
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and warnings on stderr.")]
 Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More detail on stderr (repeatable).")]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed every random generator (deterministic run).")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Seed every random generator (deterministic run).")]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo outputs that already exist (default: skip them).")]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -24,7 +24,7 @@ def command(
                                                  metavar="INPUT")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .wav, folder, or - for stdout.",
                                       allow_dash=True)],
-    codec: Annotated[Optional[str], typer.Option(help="Codec file / name; must match the codes.")] = None,
+    codec: Annotated[str | None, typer.Option(help="Codec file / name; must match the codes.")] = None,
     overwrite: Overwrite = False,
     device: Device = "auto",
     quiet: Quiet = False,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -39,14 +39,14 @@ def command(
                                                  metavar="INPUT")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Codes folder, .npz file, - for stdout, "
                                       "or the codec file with --fit-codec.", allow_dash=True)],
-    codec: Annotated[Optional[str], typer.Option(help="Codec file or encodec[:KBPS] / dac[:MODEL].")] = None,
+    codec: Annotated[str | None, typer.Option(help="Codec file or encodec[:KBPS] / dac[:MODEL].")] = None,
     fit_codec: Annotated[bool, typer.Option("--fit-codec", help="Only fit a built-in codec on INPUT.")] = False,
     fit_seconds: Annotated[float, typer.Option(help="Audio sampled for fitting (seconds).")] = 1200.0,
     codebooks: Annotated[int, typer.Option(help="Built-in codec: residual codebooks.")] = 8,
     codebook_size: Annotated[int, typer.Option(help="Built-in codec: entries per codebook.")] = 1024,
     batch_seconds: Annotated[float, typer.Option(help="Padded audio seconds per encoder batch.")] = 120.0,
     workers: Annotated[int, typer.Option(help="Threads loading audio.")] = 4,
-    shard: Annotated[Optional[str], typer.Option(help="Process part i of n (0-based), e.g. 0/4.")] = None,
+    shard: Annotated[str | None, typer.Option(help="Process part i of n (0-based), e.g. 0/4.")] = None,
     overwrite: Overwrite = False,
     seed: Seed = 0,
     device: Device = "auto",
