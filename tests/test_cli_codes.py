@@ -125,3 +125,14 @@ def test_bad_files_listed_rest_quantized(fitted, espeak_corpus, tmp_path):
     assert "zero.wav" in err and "junk.wav" in err and "click.wav" in err
     assert err.strip().splitlines()[-1].startswith("Error: 3 file(s) could not be quantized")
     assert len(list((tmp_path / "codes").glob("*.npz"))) == 4
+
+
+def test_pretrained_codec_offline_is_one_line_pointing_to_builtin(espeak_corpus, tmp_path):
+    res = run_valle("quantize", espeak_corpus, "-o", tmp_path / "codes", "--codec", "encodec:6",
+                    env={"HF_HUB_OFFLINE": "1"})
+    lines = res.stderr.decode().strip().splitlines()
+    assert res.returncode == 1 and len(lines) == 1, lines
+    assert "EnCodec" in lines[0] and "built-in codec" in lines[0]
+    assert not (tmp_path / "codes").exists()
+    res = run_valle("quantize", espeak_corpus, "-o", tmp_path / "codes", "--codec", "dac:8khz")
+    assert res.returncode == 1 and b"44khz" in res.stderr

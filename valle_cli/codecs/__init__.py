@@ -80,7 +80,7 @@ def load_codec(name: str, device: str = "cpu") -> Codec:
     if head == "encodec":
         from valle_cli.codecs.hf import load_encodec
 
-        return load_encodec(float(arg) if arg else 6.0, device=device)
+        return load_encodec(arg or 6.0, device=device)  # check_bandwidth parses and validates
     if head == "dac":
         from valle_cli.codecs.hf import load_dac
 
