@@ -66,8 +66,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-
     from make_corpus import make_corpus
+
     from valle_cli.quantize import quantize_folder
 
     print(f"torch threads: {torch.get_num_threads()}, device: {args.device}", file=sys.stderr)

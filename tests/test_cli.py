@@ -29,7 +29,9 @@ def test_help_is_fast_and_lists_only_real_verbs():
 def test_verb_help_starts_with_an_example(verb):
     res = run_valle(verb, "--help")
     assert res.returncode == 0
-    assert f"Example: valle {verb}" in res.stdout.decode() or "Example: valle " in res.stdout.decode()
+    paragraphs = [p.strip() for p in res.stdout.decode().split("\n\n") if p.strip()]
+    assert paragraphs[0].startswith(f"Usage: valle {verb}")
+    assert paragraphs[1].startswith("Example: valle ")
     assert b"--quiet" in res.stdout and b"--verbose" in res.stdout
 
 

@@ -9,9 +9,9 @@ import typer
 
 from valle_cli.cli._common import Device, Log, Overwrite, Quiet, Verbose, progress
 
-HELP = """Decode codec codes back to audio.
+HELP = """Example: valle quantize a.wav -o - --codec codec.safetensors | valle decode - -o a_resynth.wav
 
-Example: valle sample run/ --text "Hello." --prompt ref.wav -o - | valle decode - -o out.wav
+Decode codec codes back to audio.
 
 Takes one .npz (or - for stdin) to one .wav (or - for stdout), or a folder of .npz to a folder
 of .wav (finished files skipped; --overwrite redoes them). The codec is the one recorded in the
@@ -61,4 +61,5 @@ def command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("decode", help=HELP, no_args_is_help=True)(command)
+    app.command("decode", help=HELP, short_help="Codes (.npz) -> audio (.wav) with the codec they record.",
+                no_args_is_help=True)(command)

@@ -9,9 +9,9 @@ import typer
 
 from valle_cli.cli._common import Device, Log, Overwrite, Quiet, Seed, Verbose, progress
 
-HELP = """Encode audio into codec codes.
+HELP = """Example: valle quantize audio/ -o codes/
 
-Example: valle quantize audio/ -o codes/
+Encode audio into codec codes.
 
 With no --codec, a built-in codec is fitted on (a sample of) the input and saved as
 codes/codec.safetensors (reused on reruns); it needs no download. --codec PATH reuses a fitted
@@ -128,4 +128,5 @@ def _fit(input: Path, out: Path, fit_seconds: float, codebooks: int, codebook_si
 
 
 def register(app: typer.Typer) -> None:
-    app.command("quantize", help=HELP, no_args_is_help=True)(command)
+    app.command("quantize", help=HELP, short_help="Audio -> codec codes (.npz per utterance + manifest).",
+                no_args_is_help=True)(command)
