@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,23 +233,34 @@ def write_parquet(path: str | os.PathLike[str], df: Any, metadata: dict[str, Any
 
 def read_parquet(path: str | os.PathLike[str], kind: str) -> tuple[Any, dict[str, Any]]:
     """Read a valle parquet; returns (polars DataFrame, metadata). ``kind`` names the expected artifact."""
-    import polars as pl
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     name = display_name(path)
     data = read_input_bytes(path)
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        schema = pq.read_schema(pa.BufferReader(data))
     except (pa.ArrowInvalid, OSError) as e:
         raise FormatError(f"{name}: not a readable parquet file ({e})") from None
-    raw = (table.schema.metadata or {}).get(b"valle")
+    raw = (schema.metadata or {}).get(b"valle")
     if raw is None:
         raise FormatError(f"{name}: parquet without valle metadata (not made by valle?)")
     meta = json.loads(raw)
     if meta.get("kind") != kind:
         raise FormatError(f"{name}: expected a {kind} file, found {meta.get('kind')!r}")
-    return pl.from_arrow(table), meta
+    return _polars_from_parquet_bytes(data, name), meta
+
+
+def _polars_from_parquet_bytes(data: bytes, name: str) -> Any:
+    """The columns, read by polars itself: a pyarrow table read from memory and handed over with
+    pl.from_arrow makes ~20 % of processes abort at exit ("terminate called without an active
+    exception", pyarrow 26 + polars 2.1)."""
+    import polars as pl
+
+    try:
+        return pl.read_parquet(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001 - polars raises several types for a damaged file
+        raise FormatError(f"{name}: not a readable parquet file ({e})") from None
 
 
 # ----------------------------------------------------------------------------- codes manifest
@@ -317,3 +328,288 @@ def read_phonemes(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
     if "tokenizer" not in meta:
         raise FormatError(f"{display_name(path)}: phonemes file without a tokenizer in its metadata")
     return df, meta
+
+
+# ----------------------------------------------------------------------------- training shards (.bin + index)
+# A shard is a fixed header then a flat little-endian uint16 body that np.memmap maps directly.
+# Each record is one utterance: its text tokens (L,) followed by its codes (K, T) row-major, so
+# record length = L + K*T elements. Where each record starts (and its L, T) lives only in
+# index.parquet; the header says what the numbers mean (codec, K, codebook size, tokenizer).
+
+SHARD_MAGIC = b"VALLESHD"  # llm.c / modded-nanogpt shards start with int32 20240520 instead
+SHARD_FORMAT_VERSION = 1
+SHARD_INDEX_FORMAT_VERSION = 1
+SHARD_INDEX_NAME = "index.parquet"
+SHARD_ALIGN = 4096  # header length is a multiple of this, so the uint16 body is page aligned
+NO_TOKEN = 0xFFFFFFFF  # a special id the tokenizer does not have (BPE has no <unk>)
+# The fixed part of the header, little-endian; then meta_bytes of UTF-8 JSON; then zeros up to header_bytes.
+SHARD_HEADER_FIELDS = np.dtype([
+    ("magic", "S8"),  # SHARD_MAGIC
+    ("version", "<u4"),  # SHARD_FORMAT_VERSION
+    ("header_bytes", "<u4"),  # where the body starts: a multiple of SHARD_ALIGN
+    ("n_codebooks", "<u4"),  # K
+    ("codebook_size", "<u4"),
+    ("text_vocab_size", "<u4"),
+    ("text_pad_id", "<u4"),  # text specials, NO_TOKEN when absent
+    ("text_bos_id", "<u4"),
+    ("text_eos_id", "<u4"),
+    ("text_unk_id", "<u4"),
+    ("shard", "<u4"),  # this shard's number
+    ("frame_rate", "<f8"),  # code frames per second
+    ("n_records", "<u8"),  # utterances in this shard
+    ("n_elements", "<u8"),  # uint16 values in the body
+    ("meta_bytes", "<u4"),  # length of the JSON block that follows
+])  # 76 bytes
+SHARD_INDEX_SCHEMA = {
+    "id": "String",
+    "speaker": "String",
+    "split": "String",
+    "shard": "Int32",
+    "offset": "Int64",
+    "text_len": "Int32",
+    "frames": "Int32",
+    "seconds": "Float64",
+    "weight": "Float64",
+    "prompts": "List(Int32)",
+}
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:06d}.bin"
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    """What a shard's numbers mean; ``meta`` (codec spec, tokenizer, split) is JSON in the header."""
+
+    n_codebooks: int  # K
+    codebook_size: int  # codes are in [0, codebook_size)
+    text_vocab_size: int  # text tokens are in [0, text_vocab_size)
+    text_pad_id: int  # NO_TOKEN when the tokenizer has no such special
+    text_bos_id: int
+    text_eos_id: int
+    text_unk_id: int
+    frame_rate: float  # code frames per second
+    n_records: int  # utterances in this shard
+    n_elements: int  # uint16 values in the body
+    shard: int = 0  # this shard's number (its file is shard_name(shard))
+    meta: dict[str, Any] = field(default_factory=dict)  # {"codec": spec, "tokenizer": meta, "split": name}
+    header_bytes: int = 0  # filled in by pack/unpack: where the body starts
+    version: int = SHARD_FORMAT_VERSION
+
+
+def pack_shard_header(header: ShardHeader) -> bytes:
+    """The header bytes (a multiple of SHARD_ALIGN long); deterministic: sorted JSON, no timestamps."""
+    meta = json.dumps(header.meta, sort_keys=True, ensure_ascii=False).encode()
+    size = -(-(SHARD_HEADER_FIELDS.itemsize + len(meta)) // SHARD_ALIGN) * SHARD_ALIGN
+    fixed = np.array([(SHARD_MAGIC, header.version, size, header.n_codebooks, header.codebook_size,
+                        header.text_vocab_size, header.text_pad_id, header.text_bos_id, header.text_eos_id,
+                        header.text_unk_id, header.shard, header.frame_rate, header.n_records,
+                        header.n_elements, len(meta))], dtype=SHARD_HEADER_FIELDS).tobytes()
+    return (fixed + meta).ljust(size, b"\0")
+
+
+def unpack_shard_header(data: bytes, name: str = "<shard>") -> ShardHeader:
+    """Parse (at least the first header_bytes of) a shard; refuses foreign files and other versions."""
+    if data[:8] != SHARD_MAGIC:
+        raise FormatError(f"{name}: not a valle shard (bad magic; expected a file made by valle shard)")
+    if len(data) < SHARD_HEADER_FIELDS.itemsize:
+        raise FormatError(f"{name}: truncated shard header")
+    h = np.frombuffer(data, dtype=SHARD_HEADER_FIELDS, count=1)[0]
+    version, size, meta_bytes = int(h["version"]), int(h["header_bytes"]), int(h["meta_bytes"])
+    if version != SHARD_FORMAT_VERSION:
+        raise FormatError(f"{name}: shard format version {version}, this valle reads version {SHARD_FORMAT_VERSION}")
+    if size % SHARD_ALIGN or size < SHARD_HEADER_FIELDS.itemsize + meta_bytes:
+        raise FormatError(f"{name}: corrupt shard header (header length {size}, metadata {meta_bytes} bytes)")
+    if len(data) < SHARD_HEADER_FIELDS.itemsize + meta_bytes:
+        raise FormatError(f"{name}: truncated shard header")
+    try:
+        meta = json.loads(data[SHARD_HEADER_FIELDS.itemsize:SHARD_HEADER_FIELDS.itemsize + meta_bytes].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FormatError(f"{name}: corrupt shard header (metadata is not JSON)") from None
+    return ShardHeader(
+        n_codebooks=int(h["n_codebooks"]), codebook_size=int(h["codebook_size"]),
+        text_vocab_size=int(h["text_vocab_size"]), text_pad_id=int(h["text_pad_id"]),
+        text_bos_id=int(h["text_bos_id"]), text_eos_id=int(h["text_eos_id"]), text_unk_id=int(h["text_unk_id"]),
+        frame_rate=float(h["frame_rate"]), n_records=int(h["n_records"]), n_elements=int(h["n_elements"]),
+        shard=int(h["shard"]), meta=meta, header_bytes=size, version=version,
+    )
+
+
+def read_shard_header(path: str | os.PathLike[str]) -> ShardHeader:
+    """The header of a shard file, checked against the file size (a truncated shard is refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path}: shard file is missing")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        data = f.read(SHARD_ALIGN)
+        header = unpack_shard_header(data, str(path))
+        if header.header_bytes > len(data):  # a long tokenizer (BPE ranks) makes a longer header
+            header = unpack_shard_header(data + f.read(header.header_bytes - len(data)), str(path))
+    expected = header.header_bytes + 2 * header.n_elements
+    if size < expected:
+        raise FormatError(f"{path}: truncated shard ({size} bytes, its header says {expected})")
+    if size > expected:
+        raise FormatError(f"{path}: {size - expected} unexpected bytes after the shard body")
+    return header
+
+
+def shard_record(tokens: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """One record: text tokens (L,) then codes (K, T) row-major, as a flat uint16 (L + K*T,)."""
+    return np.concatenate([np.asarray(tokens, dtype=np.uint16).ravel(), np.asarray(codes, dtype=np.uint16).ravel()])
+
+
+def read_codes_array(path: str | os.PathLike[str]) -> np.ndarray:
+    """Only the int16 (K, T) array of a codes file (version checked): 3-4x faster than read_codes,
+    which parses all seven members. For bulk readers that take the codec from the manifest."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            with zf.open("format_version.npy") as f:
+                version = int(np.lib.format.read_array(f, allow_pickle=False))
+            with zf.open("codes.npy") as f:
+                codes = np.lib.format.read_array(f, allow_pickle=False)
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as e:
+        raise FormatError(f"{path}: not a readable codes .npz ({e})") from None
+    if version != CODES_FORMAT_VERSION:
+        raise FormatError(f"{path}: codes format version {version}, this valle reads version {CODES_FORMAT_VERSION}")
+    if codes.ndim != 2 or codes.dtype != np.int16:
+        raise FormatError(f"{path}: 'codes' must be int16 (K, T), got {codes.dtype} {codes.shape}")
+    return codes
+
+
+def write_shard(path: str | os.PathLike[str], header: ShardHeader, records: Iterable[np.ndarray]) -> None:
+    """Write header + records atomically; the records must add up to the header's counts."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(pack_shard_header(header))
+            n_records = n_elements = 0
+            for record in records:  # each a flat uint16 array from shard_record
+                record = np.ascontiguousarray(record, dtype="<u2")
+                f.write(record.data)
+                n_records += 1
+                n_elements += record.size
+            if (n_records, n_elements) != (header.n_records, header.n_elements):
+                raise FormatError(f"{path}: wrote {n_records} records / {n_elements} values, the header "
+                                  f"says {header.n_records} / {header.n_elements}")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def open_shard_body(path: str | os.PathLike[str], header: ShardHeader) -> np.ndarray:
+    """The body of a shard as a read-only uint16 memmap (n_elements,), nothing read yet."""
+    if header.n_elements == 0:
+        return np.zeros(0, dtype="<u2")
+    return np.memmap(path, dtype="<u2", mode="r", offset=header.header_bytes, shape=(header.n_elements,))
+
+
+def split_record(body: np.ndarray, offset: int, text_len: int, n_codebooks: int,
+                 frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens (L,), codes (K, T)) of the record at ``offset``: uint16 views into ``body``, no copy."""
+    tokens = body[offset:offset + text_len]
+    codes = body[offset + text_len:offset + text_len + n_codebooks * frames].reshape(n_codebooks, frames)
+    return tokens, codes
+
+
+def write_shard_index(folder: str | os.PathLike[str], df: Any, meta: dict[str, Any]) -> Path:
+    """``<folder>/index.parquet``: one row per record (columns SHARD_INDEX_SCHEMA); written atomically."""
+    import polars as pl
+
+    df = df.select([pl.col(name).cast(_polars_type(kind)) for name, kind in SHARD_INDEX_SCHEMA.items()])
+    out = Path(folder) / SHARD_INDEX_NAME
+    write_parquet(out, df, {**meta, "kind": "shard-index", "format_version": SHARD_INDEX_FORMAT_VERSION})
+    return out
+
+
+def read_shard_index(folder: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
+    """(polars DataFrame, metadata) of ``<folder>/index.parquet`` (or of that file itself)."""
+    folder = Path(folder)
+    path = folder / SHARD_INDEX_NAME if folder.is_dir() else folder
+    if not path.is_file():
+        raise InputError(f"{path}: no shard index (not a finished 'valle shard' output)")
+    df, meta = read_parquet(path, "shard-index")
+    if meta.get("format_version") != SHARD_INDEX_FORMAT_VERSION:
+        raise FormatError(f"{path}: shard index format version {meta.get('format_version')} is not supported "
+                          f"(this valle reads version {SHARD_INDEX_FORMAT_VERSION})")
+    missing = [c for c in SHARD_INDEX_SCHEMA if c not in df.columns]
+    if missing:
+        raise FormatError(f"{path}: shard index without column(s) {', '.join(missing)}")
+    return df, meta
+
+
+def _polars_type(kind: str) -> Any:
+    import polars as pl
+
+    return pl.List(pl.Int32) if kind == "List(Int32)" else getattr(pl, kind)
+
+
+# ----------------------------------------------------------------------------- chunk scores (.parquet)
+
+CHUNK_SCORES_FORMAT_VERSION = 1
+CHUNK_SCORES_KIND = "chunk-scores"
+# Required columns and their polars types, in file order; a writer may add further columns after them.
+CHUNK_SCORES_SCHEMA: dict[str, str] = {
+    "id": "String",  # source (utterance) id, as in the codes manifest
+    "chunk_idx": "Int32",  # 0.. within the source
+    "frame_start": "Int64",  # first code frame of the chunk
+    "frame_len": "Int32",  # code frames in the chunk (the last chunk of a source may be shorter)
+    "frame_rate": "Float64",  # code frames per second
+    "codec": "String",  # codec spec JSON, as in the manifest
+    "rms_db": "Float32",
+    "shape_flux": "Float32",
+    "magnitude_flux": "Float32",
+    "novelty": "Float32",
+    "stability": "Float32",
+    "priority": "Float32",
+    "void": "Boolean",
+}
+_CHUNK_SCORES_PARAMS = ("chunk_frames", "frame_rate")  # what no reader should ever have to guess
+
+
+def write_chunk_scores(path: str | os.PathLike[str], df: Any, params: dict[str, Any], **info: Any) -> None:
+    """Chunk scores (columns CHUNK_SCORES_SCHEMA first, extras after) with the scoring ``params``
+    (which must hold chunk_frames and frame_rate) and any further JSON ``info`` in the metadata."""
+    import polars as pl
+
+    missing = [c for c in CHUNK_SCORES_SCHEMA if c not in df.columns]
+    if missing:
+        raise FormatError(f"chunk scores without column(s) {', '.join(missing)}")
+    lacking = [k for k in _CHUNK_SCORES_PARAMS if k not in params]
+    if lacking:
+        raise FormatError(f"chunk scores parameters without {', '.join(lacking)}")
+    df = df.select([pl.col(c).cast(getattr(pl, t)) for c, t in CHUNK_SCORES_SCHEMA.items()]
+                   + [c for c in df.columns if c not in CHUNK_SCORES_SCHEMA])
+    meta = {**info, "kind": CHUNK_SCORES_KIND, "format_version": CHUNK_SCORES_FORMAT_VERSION, "params": params}
+    write_parquet(path, df, meta)
+
+
+def read_chunk_scores(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
+    """(polars DataFrame, metadata) of a chunk-scores parquet, checked: kind, version, columns, params."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    name = display_name(path)
+    data = read_input_bytes(path)
+    try:
+        schema = pq.read_schema(pa.BufferReader(data))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise FormatError(f"{name}: not a readable parquet file ({e})") from None
+    try:
+        meta = json.loads((schema.metadata or {})[b"valle"])
+    except (KeyError, json.JSONDecodeError):
+        raise FormatError(f"{name}: parquet without the expected metadata (not made by valle score-chunks?)") \
+            from None
+    if meta.get("kind") != CHUNK_SCORES_KIND:
+        raise FormatError(f"{name}: expected a {CHUNK_SCORES_KIND} file, found {meta.get('kind')!r}")
+    if meta.get("format_version") != CHUNK_SCORES_FORMAT_VERSION:
+        raise FormatError(f"{name}: chunk-scores format version {meta.get('format_version')} is not supported "
+                          f"(this valle reads version {CHUNK_SCORES_FORMAT_VERSION})")
+    params = meta.get("params")
+    if not isinstance(params, dict) or any(k not in params for k in _CHUNK_SCORES_PARAMS):
+        raise FormatError(f"{name}: chunk scores without the expected metadata (params with "
+                          f"{' and '.join(_CHUNK_SCORES_PARAMS)})")
+    missing = [c for c in CHUNK_SCORES_SCHEMA if c not in schema.names]
+    if missing:
+        raise FormatError(f"{name}: chunk scores without column(s) {', '.join(missing)}")
+    return _polars_from_parquet_bytes(data, name), meta
