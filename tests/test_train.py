@@ -1,0 +1,194 @@
+"""`valle train` (the library loop): overfitting, exact resume, checkpoints, LoRA, NaN guard, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+from synthetic import make_shards
+
+from valle_cli import checkpoint as ckpt
+from valle_cli.errors import FormatError, InputError
+from valle_cli.model.config import preset
+from valle_cli.model.load import load_model, merge_lora_checkpoint
+from valle_cli.tasks import TaskConfig
+from valle_cli.train import TrainConfig, TrainingError, lr_factor, read_log, train
+
+TINY = preset("tiny")
+TASKS = TaskConfig(prompt_seconds=(0.4, 0.8))
+QUICK = TrainConfig(max_steps=8, batch_tokens=400, lr=3e-3, warmup_steps=2, log_every=1, eval_every=4,
+                    save_every=4, keep_last=2)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("data"))
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_log(run) if r["split"] == "train"]
+
+
+def test_a_tiny_model_overfits_a_handful_of_utterances(tmp_path):
+    data = make_shards(tmp_path / "data", n_speakers=2, per_speaker=3, val_fraction=0.0)
+    tasks = TaskConfig(prompt_seconds=(0.4, 0.8), cond_dropout_p=0.0, prompt_dropout_p=0.0)
+    config = TrainConfig(max_steps=150, batch_tokens=2000, lr=4e-3, warmup_steps=10, log_every=10,
+                         eval_every=1000, save_every=1000, schedule="cosine")
+    report = train(data, tmp_path / "run", TINY, tasks, config, device="cpu")
+    curve = losses(tmp_path / "run")
+    assert report.steps == 150 and len(curve) == 15
+    start, end = curve[0][1], curve[-1][1]
+    assert end < 0.35 * start, curve  # e.g. 3.4 -> 0.6
+    tasks_at_end = read_log(tmp_path / "run")[-1]["tasks"]
+    assert tasks_at_end["nar1"]["acc"] > 0.9
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(shards, tmp_path):
+    straight = tmp_path / "straight"
+    train(shards, straight, TINY, TASKS, QUICK, device="cpu")
+
+    cut = tmp_path / "cut"
+
+    def interrupt(info):
+        if info["step"] == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(shards, cut, TINY, TASKS, QUICK, device="cpu", on_step=interrupt)
+    assert ckpt.resolve_checkpoint(cut).name == "step-0000005"  # Ctrl-C saved the finished steps
+    report = train(shards, cut, TINY, TASKS, QUICK, device="cpu", resume=True)
+    assert report.start_step == 5 and report.steps == 8
+    assert losses(cut) == losses(straight)  # bit for bit on CPU
+    a = ckpt.load_weights(ckpt.resolve_checkpoint(straight))
+    b = ckpt.load_weights(ckpt.resolve_checkpoint(cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_from_a_killed_run_drops_log_lines_past_the_checkpoint(shards, tmp_path):
+    run = tmp_path / "run"
+    train(shards, run, TINY, TASKS, replace(QUICK, max_steps=4), device="cpu")
+    with open(run / "log.jsonl", "a") as f:  # a killed run logged step 5 but never saved it
+        f.write(json.dumps({"step": 5, "split": "train", "loss": 9.9, "tasks": {}}) + "\n")
+    train(shards, run, TINY, TASKS, replace(QUICK, max_steps=6), device="cpu", resume=True)
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6] and 9.9 not in dict(losses(run)).values()
+
+
+def test_run_folder_layout_checkpoints_and_round_trip(shards, tmp_path):
+    run = tmp_path / "run"
+    report = train(shards, run, TINY, TASKS, QUICK, device="cpu")
+    assert {"config.json", "log.jsonl", "curves.png", "checkpoints"} <= set(os.listdir(run))
+    kept = [p.name for p in ckpt.list_checkpoints(run)]
+    best = (run / "best").read_text().strip() if (run / "best").exists() else None
+    assert kept[-1] == "step-0000008" and len(kept) <= 3 and (best is None or Path(best).name in kept)
+    assert report.best_val_loss is not None
+    meta = json.loads((run / "checkpoints/step-0000008/config.json").read_text())
+    assert meta["format_version"] == ckpt.CHECKPOINT_FORMAT_VERSION and meta["step"] == 8
+    assert meta["codec"]["name"] == "fake" and meta["model"]["n_codebooks"] == 3 and meta["tokenizer"]["vocab_size"]
+    model, loaded = load_model(run)
+    weights = ckpt.load_weights(run / "checkpoints/step-0000008")
+    assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)
+    assert loaded["step"] == 8 and not model.training
+
+
+def test_a_checkpoint_of_another_format_version_fails_clearly(shards, tmp_path):
+    run = tmp_path / "run"
+    train(shards, run, TINY, TASKS, replace(QUICK, max_steps=2), device="cpu")
+    folder = ckpt.resolve_checkpoint(run)
+    meta = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(FormatError, match="format version 99"):
+        load_model(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(FormatError, match="not valid JSON"):
+        load_model(folder)
+    with pytest.raises(InputError, match="no checkpoint"):
+        load_model(tmp_path)
+
+
+def test_a_second_run_in_the_same_folder_is_refused_unless_asked(shards, tmp_path):
+    run = tmp_path / "run"
+    train(shards, run, TINY, TASKS, replace(QUICK, max_steps=2), device="cpu")
+    with pytest.raises(InputError, match="holds a run"):
+        train(shards, run, TINY, TASKS, replace(QUICK, max_steps=2), device="cpu")
+    report = train(shards, run, TINY, TASKS, replace(QUICK, max_steps=2), device="cpu", overwrite=True)
+    assert report.steps == 2
+    done = train(shards, run, TINY, TASKS, replace(QUICK, max_steps=2), device="cpu", resume=True)
+    assert done.steps == done.start_step == 2  # nothing left to do
+    with pytest.raises(InputError, match="nothing to resume"):
+        train(shards, tmp_path / "new", TINY, TASKS, QUICK, device="cpu", resume=True)
+
+
+def test_nan_guard_skips_then_stops(shards, tmp_path, monkeypatch):
+    from valle_cli.model import valle
+
+    real = valle.CodecLM.forward
+
+    def poisoned(self, batch):
+        out = real(self, batch)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(valle.CodecLM, "forward", poisoned)
+    with pytest.raises(TrainingError, match="NaN/inf for 3 steps in a row"):
+        train(shards, tmp_path / "run", TINY, TASKS, replace(QUICK, nan_patience=3), device="cpu")
+
+
+def test_init_from_and_lora_train_only_the_adapters_then_merge(shards, tmp_path):
+    base = tmp_path / "base"
+    train(shards, base, TINY, TASKS, replace(QUICK, max_steps=2), device="cpu")
+    lora_run = tmp_path / "lora"
+    report = train(shards, lora_run, TINY, TASKS, replace(QUICK, max_steps=3, lora_rank=4), device="cpu",
+                   init_from=base)
+    assert report.steps == 3
+    before = ckpt.load_weights(ckpt.resolve_checkpoint(base))
+    after = ckpt.load_weights(ckpt.resolve_checkpoint(lora_run))
+    assert torch.equal(before["head_ar.weight"], after["head_ar.weight"])  # frozen
+    wq = "backbone.layers.0.attention.wq"
+    assert torch.equal(before[f"{wq}.weight"], after[f"{wq}.base.weight"])
+    assert not torch.equal(after[f"{wq}.lora_B"], torch.zeros_like(after[f"{wq}.lora_B"]))
+    assert (ckpt.resolve_checkpoint(lora_run) / "lora.safetensors").is_file()
+
+    merged = merge_lora_checkpoint(lora_run, tmp_path / "merged")
+    plain, meta = load_model(merged)
+    adapted, _ = load_model(lora_run)
+    assert meta["lora"] is None and f"{wq}.weight" in plain.state_dict()
+    from valle_cli.model.valle import Batch
+    from valle_cli.shards import ShardSet
+    from valle_cli.train import make_batch
+
+    data = ShardSet(shards, split="train")
+    batch = Batch.from_numpy(make_batch(data, [0, 1, 2], np.random.default_rng(0), TASKS, adapted.config))
+    with torch.no_grad():
+        assert torch.allclose(plain(batch).loss, adapted(batch).loss, atol=1e-5)
+
+
+def test_lr_schedule_warmup_then_cosine_or_hold():
+    c = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_factor(0, c) == pytest.approx(0.1) and lr_factor(9, c) == pytest.approx(1.0)
+    assert lr_factor(10, c) == pytest.approx(1.0) and lr_factor(100, c) == pytest.approx(0.1)
+    assert 0.1 < lr_factor(55, c) < 1.0
+    assert lr_factor(90, replace(c, schedule="hold")) == 1.0
+
+
+def test_two_process_gloo_ddp_run_on_cpu(shards, tmp_path):
+    """torchrun --nproc_per_node 2 -m valle_cli train ...: both ranks step together, rank 0 saves."""
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "valle_cli", "train", str(shards), "-o", str(run), "--preset", "tiny", "--max-steps", "4",
+           "--batch-tokens", "400", "--log-every", "1", "--eval-every", "4", "--save-every", "2",
+           "--set", "prompt_seconds=[0.4,0.8]", "--device", "cpu"]
+    res = subprocess.run(cmd, capture_output=True, env=env, timeout=240)
+    assert res.returncode == 0, res.stderr.decode()[-3000:]
+    assert ckpt.resolve_checkpoint(run).name == "step-0000004"
+    state = json.loads((run / "checkpoints/step-0000004/train_state/state.json").read_text())
+    assert len(state["sampler"]) == 2 and state["sampler"][0]["params"]["world_size"] == 2
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4] and all(np.isfinite(v) for _, v in losses(run))

@@ -1,0 +1,54 @@
+"""Checkpoints -> models: what ``valle sample`` and ``valle train --merge-lora`` build from a folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from valle_cli import checkpoint as ckpt
+from valle_cli.errors import InputError
+
+
+def load_model(path: str | os.PathLike[str], device: str = "cpu", which: str = "last") -> tuple[Any, dict[str, Any]]:
+    """(CodecLM in eval mode on ``device``, checkpoint config) from a checkpoint or a run folder."""
+    from valle_cli.model.config import ModelConfig
+    from valle_cli.model.valle import CodecLM
+    from valle_cli.train import load_into
+
+    folder = ckpt.resolve_checkpoint(path, which)
+    meta = ckpt.read_meta(folder)  # format version first: nothing else is trusted before it
+    model = CodecLM(ModelConfig.from_dict(meta["model"]))
+    if meta.get("lora"):
+        from valle_cli.model.lora import LoraConfig, apply_lora
+
+        apply_lora(model.backbone, LoraConfig.from_dict(meta["lora"]))
+    load_into(model, ckpt.load_weights(folder), str(folder))
+    return model.to(device).eval(), meta
+
+
+def merge_lora_checkpoint(source: str | os.PathLike[str], out: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """A LoRA checkpoint with its adapters folded into the weights, saved as a plain checkpoint in ``out``."""
+    from valle_cli.model.lora import merge_lora
+
+    out = Path(out)
+    model, meta = load_model(source)
+    if not meta.get("lora"):
+        raise InputError(f"{source}: has no LoRA adapters to merge")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"{out}: exists and is not empty (--overwrite replaces it)")
+    merge_lora(model.backbone)
+    step = int(meta["step"])
+    merged = {**{k: v for k, v in meta.items() if k not in ("kind", "format_version", "step", "saved_at")},
+              "lora": None, "merged_from": str(ckpt.resolve_checkpoint(source))}
+    tmp_run = out.with_name(f".{out.name}.merge-{os.getpid()}")
+    shutil.rmtree(tmp_run, ignore_errors=True)
+    try:
+        saved = ckpt.save_checkpoint(tmp_run, step, model.state_dict(), merged)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(saved, out)
+    finally:
+        shutil.rmtree(tmp_run, ignore_errors=True)
+    return out

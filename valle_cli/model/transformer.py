@@ -1,0 +1,369 @@
+"""Our own backbone (seed 004, Llama-4 style): embeddings in, normalised hidden states out.
+
+    x -> [ h = x + Attention(RMSNorm(x)) ; x = h + FFN-or-MoE(RMSNorm(h)) ] * n_layers -> RMSNorm
+
+The caller owns the embeddings and output heads (``model/__init__.py`` describes the interface).
+
+* RoPE: cos/sin tables of ``max_positions`` rows, indexed by the explicit ``positions`` (B, T) so
+  every row of a batch has its own positions (left padding, positions restarting per segment).
+  Rotation pairs dimension i with i + Dh/2 (the "rotate half" layout). With ``rope_scaling > 0`` the
+  frequencies are rescaled llama-3 style: long wavelengths slowed down by the factor, short ones kept,
+  a smooth blend between.
+* Attention: GQA (``n_kv_heads``), optional QK-norm (RMSNorm per head on q and k, before RoPE),
+  NoPE layers (``config.uses_rope(layer)`` False: no rotation at all), and with ``attention_chunk > 0``
+  the RoPE layers attend only within chunks of that many cache slots (``masks.chunked_local``) while
+  the NoPE layers stay global (Llama 4's iRoPE). Chunks count slots, not ``positions``, so a left-padded
+  row's chunk boundaries move with its padding.
+* FFN: SwiGLU ``w2(silu(w1 x) * w3 x)``. MoE layers (``config.is_moe_layer``): a router, top-k softmax
+  gates renormalised over the chosen k, experts as stacked weight tensors, an always-on shared expert,
+  and a Switch-style load-balancing loss returned as ``aux_loss``.
+* KV cache: preallocated per-layer buffers (B, Hkv, max_len, Dh) written in place, so a cached decode
+  step is a fixed sequence of tensor ops (friendly to ``torch.compile`` and CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from valle_cli.model.attention import attend, causal_mask, resolve_backend
+from valle_cli.model.backbone_output import BackboneOutput
+from valle_cli.model.config import ModelConfig
+from valle_cli.model.masks import chunked_local
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalise in float32: the mean of squares overflows / loses precision in fp16 / bf16
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+# -- rotary position embeddings
+
+
+def rope_frequencies(config: ModelConfig) -> Tensor:
+    """(Dh/2,) float64 inverse frequencies on the CPU, llama-3 scaled when ``config.rope_scaling > 0``."""
+    dh = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.float64, device="cpu") / dh))
+    if config.rope_scaling > 0:
+        factor = config.rope_scaling
+        low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+        original = config.rope_original_positions
+        if high <= low:
+            raise ValueError(f"rope_high_freq_factor {high} must exceed rope_low_freq_factor {low}")
+        wavelen = 2 * math.pi / inv_freq
+        # high frequencies (wavelength < original / high) unchanged; low ones (> original / low) divided
+        # by the factor; in between a linear blend in original / wavelength
+        smooth = ((original / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables (max_positions, Dh/2) float32, looked up by an explicit positions tensor.
+
+    The tables are derived data (non-persistent buffers, never in a checkpoint), so they are rebuilt
+    whenever the module is moved or cast: ``model.to(bfloat16)`` keeps them float32 (bf16 cos/sin are
+    visibly wrong at large angles), and ``to_empty`` after a meta-device build gets real values.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        device = torch.get_default_device()  # honours `with torch.device("meta"):`
+        cos, sin = self._tables(device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        # float64 on the CPU (positions * frequency reaches thousands of radians), then moved
+        positions = torch.arange(self.config.max_positions, dtype=torch.float64, device="cpu")
+        angles = positions[:, None] * rope_frequencies(self.config)  # (P, Dh/2)
+        return angles.cos().float().to(device), angles.sin().float().to(device)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RotaryEmbedding:
+        super()._apply(fn, recurse)
+        self.cos, self.sin = self._tables(self.cos.device)
+        return self
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions (B, T) long -> cos, sin (B, 1, T, Dh/2) float32, broadcasting over heads."""
+        return self.cos[positions][:, None], self.sin[positions][:, None]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (x_i, x_{i + Dh/2}) pairs: x (B, H, T, Dh), cos/sin (B, 1, T, Dh/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+# -- attention, feed-forward, mixture of experts
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        self.use_rope = config.uses_rope(layer)
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, backend: str,
+                kv: tuple[Tensor, Tensor, int] | None = None) -> Tensor:
+        """x (B, T, D); mask (B|1, 1, T, S) or None = causal; kv = (k_buf, v_buf, start) of a cache."""
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            # write the new keys / values in place at [start, start + T), then read [0, start + T)
+            k_buf, v_buf, start = kv
+            k_buf[:, :, start:start + t].copy_(k)
+            v_buf[:, :, start:start + t].copy_(v)
+            k, v = k_buf[:, :, :start + t], v_buf[:, :, :start + t]  # (B, Hkv, S, Dh) views
+        y = attend(q, k, v, mask=mask, causal=mask is None, backend=backend)  # (B, H, T, Dh)
+        y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        return self.dropout(self.wo(y))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class MoE(nn.Module):
+    """Top-k routed SwiGLU experts plus an optional always-on shared expert.
+
+    The experts are stacked tensors w1, w3 (E, D, F) and w2 (E, F, D). Two ways to evaluate them,
+    same result: few tokens (a decode step: N * k <= E) gather each token's k expert matrices, which
+    reads no more weights than the experts it uses and has no data-dependent shapes; otherwise the
+    token-expert pairs are sorted by expert and each expert runs once over its tokens (one host sync
+    per layer for the counts, then index_select / index_add).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = config.moe_experts, config.moe_top_k
+        dim, hidden = config.dim, config.hidden_dim
+        self.router = nn.Linear(dim, self.n_experts, bias=False)
+        self.w1 = nn.Parameter(torch.empty(self.n_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(self.n_experts, hidden, dim))
+        self.w3 = nn.Parameter(torch.empty(self.n_experts, dim, hidden))
+        self.shared = FeedForward(dim, hidden) if config.moe_shared_expert else None
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, T, D), token_mask (B, T) bool (False = padding, left out of the loss) -> (B, T, D), aux ()."""
+        b, t, d = x.shape
+        xf = x.reshape(b * t, d)  # (N, D)
+        probs = self.router(xf).float().softmax(dim=-1)  # (N, E), float32 for a stable softmax
+        gates, experts = probs.topk(self.top_k, dim=-1)  # (N, k) each
+        gates = (gates / gates.sum(dim=-1, keepdim=True)).to(x.dtype)
+        if b * t * self.top_k <= self.n_experts:
+            routed = self._gathered(xf, gates, experts)
+        else:
+            routed = self._grouped(xf, gates, experts)
+        out = routed.view(b, t, d)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return self.dropout(out), self._balance_loss(probs, experts, token_mask)
+
+    def _gathered(self, xf: Tensor, gates: Tensor, experts: Tensor) -> Tensor:
+        w1, w3, w2 = self.w1[experts], self.w3[experts], self.w2[experts]  # (N, k, D, F), (N, k, F, D)
+        h = F.silu(torch.einsum("nd,nkdf->nkf", xf, w1)) * torch.einsum("nd,nkdf->nkf", xf, w3)  # (N, k, F)
+        y = torch.einsum("nkf,nkfd->nkd", h, w2)  # (N, k, D)
+        return (y * gates[..., None]).sum(dim=1)  # (N, D)
+
+    def _grouped(self, xf: Tensor, gates: Tensor, experts: Tensor) -> Tensor:
+        n = xf.shape[0]
+        flat_expert = experts.reshape(-1)  # (N * k,)
+        order = flat_expert.argsort(stable=True)  # token-expert pairs grouped by expert
+        tokens = torch.arange(n, device=xf.device).repeat_interleave(self.top_k)[order]  # (N * k,)
+        weights = gates.reshape(-1)[order]  # (N * k,)
+        counts = torch.bincount(flat_expert, minlength=self.n_experts).tolist()  # the one host sync
+        out = torch.zeros_like(xf)
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            idx = tokens[start:start + count]
+            h = xf.index_select(0, idx)  # (n_e, D)
+            y = (F.silu(h @ self.w1[e]) * (h @ self.w3[e])) @ self.w2[e]  # (n_e, D)
+            out.index_add_(0, idx, y * weights[start:start + count, None])
+            start += count
+        return out
+
+    def _balance_loss(self, probs: Tensor, experts: Tensor, token_mask: Tensor | None) -> Tensor:
+        """Switch / Mixtral load balancing: E * sum_e (share of routed assignments to e) * (mean prob of e).
+
+        Equals 1 for a perfectly uniform router; padding tokens (token_mask False) are left out.
+        """
+        n = probs.shape[0]
+        w = probs.new_ones(n) if token_mask is None else token_mask.reshape(n).to(probs.dtype)  # (N,)
+        chosen = F.one_hot(experts, self.n_experts).to(probs.dtype).sum(dim=1)  # (N, E): 1 where routed
+        n_tokens = w.sum().clamp(min=1.0)
+        fraction = (w[:, None] * chosen).sum(dim=0) / (n_tokens * self.top_k)  # (E,), sums to 1
+        mean_prob = (w[:, None] * probs).sum(dim=0) / n_tokens  # (E,)
+        return self.n_experts * (fraction * mean_prob).sum()
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, layer)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.is_moe = config.is_moe_layer(layer)
+        self.feed_forward = MoE(config) if self.is_moe else FeedForward(config.dim, config.hidden_dim, config.dropout)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, backend: str,
+                kv: tuple[Tensor, Tensor, int] | None = None, token_mask: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, backend, kv)
+        if self.is_moe:
+            y, aux = self.feed_forward(self.ffn_norm(x), token_mask)
+        else:
+            y, aux = self.feed_forward(self.ffn_norm(x)), x.new_zeros((), dtype=torch.float32)
+        return x + y, aux
+
+
+# -- the static KV cache
+
+
+class KVCache:
+    """Preallocated keys / values per layer, (B, Hkv, max_len, Dh) each; ``length`` slots are filled.
+
+    Create it and use it under the same grad mode (e.g. both inside ``torch.inference_mode()``). To
+    ``torch.compile`` a decode step, pass the cache as an argument of the compiled function: its
+    ``length`` then becomes a dynamic int after one recompile instead of a constant baked into each graph.
+    """
+
+    def __init__(self, n_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.length = 0
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0] if self.k else 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2] if self.k else 0
+
+    def crop(self, n: int) -> None:
+        """Forget everything after the first n tokens (n >= length: nothing to forget). Buffers are kept."""
+        if n < 0:
+            raise ValueError(f"KVCache.crop({n}): n must be >= 0")
+        self.length = min(n, self.length)
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+# -- the backbone
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.rope = RotaryEmbedding(config)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # normal(0.02) everywhere; the projections that write into the residual stream (wo, w2) scaled by
+        # 1/sqrt(2 n_layers) so the residual's variance does not grow with depth (GPT-2)
+        std = 0.02
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                continue  # RMSNorm scales stay at 1
+            is_out = name.endswith(("wo.weight", "w2.weight")) or name.endswith("feed_forward.w2")
+            nn.init.normal_(p, mean=0.0, std=out_std if is_out else std)
+
+    def new_cache(self, batch: int, max_len: int, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        c = self.config
+        if device is None or dtype is None:
+            p = next(self.parameters())
+            device, dtype = device or p.device, dtype or p.dtype
+        return KVCache(c.n_layers, batch, c.kv_heads, max_len, c.head_dim, device, dtype)
+
+    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None = None, cache: KVCache | None = None,
+                *, token_mask: Tensor | None = None) -> BackboneOutput:
+        """x (B, T, D), positions (B, T) long, mask (B|1, 1, T, S) bool or None (= causal), S = cache.length + T.
+
+        token_mask (B, T) bool: False marks padding tokens, left out of the router's load-balancing loss.
+        """
+        c = self.config
+        b, t, _ = x.shape
+        start = 0 if cache is None else cache.length
+        s = start + t
+        if positions.shape != (b, t):
+            raise ValueError(f"positions {tuple(positions.shape)} do not match x {tuple(x.shape)}")
+        if mask is not None and (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2:] != (t, s)
+                                 or mask.shape[0] not in (1, b)):
+            raise ValueError(f"mask {tuple(mask.shape)} is not ({b}, 1, {t}, {s})")
+        if cache is not None:
+            if cache.batch != b:
+                raise ValueError(f"the cache holds batch {cache.batch}, the input has batch {b}")
+            if s > cache.max_len:
+                raise ValueError(f"the KV cache is full: {start} cached + {t} new tokens > max_len {cache.max_len}")
+        backend = resolve_backend(c.attention, x.device)
+
+        cos, sin = self.rope(positions)  # (B, 1, T, Dh/2)
+        local_mask = None
+        if c.attention_chunk > 0:
+            full = causal_mask(t, s, x.device)[None, None] if mask is None else mask  # (B|1, 1, T, S)
+            local_mask = chunked_local(full, c.attention_chunk, query_offset=start)
+
+        use_checkpoint = c.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        aux = x.new_zeros((), dtype=torch.float32)
+        for i, layer in enumerate(self.layers):
+            layer_mask = local_mask if local_mask is not None and c.uses_rope(i) else mask
+            kv = None if cache is None else (cache.k[i], cache.v[i], start)
+            if use_checkpoint:
+                x, layer_aux = checkpoint(layer, x, cos, sin, layer_mask, backend, kv, token_mask,
+                                          use_reentrant=False)
+            else:
+                x, layer_aux = layer(x, cos, sin, layer_mask, backend, kv, token_mask)
+            aux = aux + layer_aux
+        if cache is not None:
+            cache.length = s
+        return BackboneOutput(hidden=self.norm(x), aux_loss=aux * c.router_aux_loss)

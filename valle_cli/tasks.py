@@ -1,0 +1,241 @@
+"""Training examples of the codec LM: which task each utterance trains, and the padded batch arrays.
+
+For every utterance of a batch ``draw_examples`` picks (seed 000 "Tasks", reference notes §4):
+
+* a target codebook level from ``levels`` (``auto``: linear-decreasing, level i with weight K - i,
+  so level 0 (which carries most of the signal and the duration) is trained most; ``equal``; or
+  explicit probabilities);
+* the task: level 0 is AR (causal next-code prediction with a stop token) or, with probability
+  ``masked_p``, NAR-len (level 0 by masked prediction, ``mask_ratio`` of the frames masked, plus the
+  duration read by the len head); level l >= 1 is NAR (level l from the levels below, in place);
+* the prompt: another utterance of the same speaker (the shard index's candidates), a random crop
+  of ``prompt_seconds``; none when the speaker has no other utterance;
+* CFG-aware dropout: with ``cond_dropout_p`` both text and prompt are dropped (the null condition
+  of classifier-free guidance), with ``prompt_dropout_p`` the prompt alone.
+
+``collate`` lays the examples out as one padded batch of numpy arrays (``SequenceBatch``); the
+model (``model/valle.py``) embeds them. Randomness comes from the generator passed in, which the
+trainer derives from (seed, step, rank): a resumed run draws exactly the same tasks.
+numpy only, no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from valle_cli.errors import InputError
+
+# Segment kinds, one per position of a sequence (0 = padding).
+PAD, TEXT, LANG, TASK, PROMPT, RESPONSE = 0, 1, 2, 3, 4, 5
+IGNORE = -100  # target of positions without a loss
+KINDS = ("ar", "nar", "mask")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    levels: str | tuple[float, ...] = "auto"  # auto | equal | one probability per level
+    masked_p: float = 0.25  # share of level-0 draws trained as NAR-len (masked) instead of AR
+    mask_ratio: float = 0.8  # fixed training mask ratio of NAR-len (seed 000: better than random ratios)
+    cond_dropout_p: float = 0.05  # drop text + prompt: the CFG null condition
+    prompt_dropout_p: float = 0.05  # drop the prompt only
+    prompt_seconds: tuple[float, float] = (3.0, 6.0)  # prompt crop length range
+    lang: int = 0  # language id of every example (one language per shard set today)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"levels": self.levels if isinstance(self.levels, str) else list(self.levels),
+                "masked_p": self.masked_p, "mask_ratio": self.mask_ratio, "cond_dropout_p": self.cond_dropout_p,
+                "prompt_dropout_p": self.prompt_dropout_p, "prompt_seconds": list(self.prompt_seconds),
+                "lang": self.lang}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskConfig:
+        data = dict(data)
+        if isinstance(data.get("levels"), list):
+            data["levels"] = tuple(float(p) for p in data["levels"])
+        if "prompt_seconds" in data:
+            data["prompt_seconds"] = tuple(data["prompt_seconds"])
+        return cls(**data)
+
+
+@dataclass
+class Example:
+    text: np.ndarray  # (L,) int: text tokens (L = 0 when dropped)
+    prompt: np.ndarray  # (K, P) int: prompt codes (P = 0 when none)
+    codes: np.ndarray  # (K, T) int: the response codes (targets)
+    kind: str  # "ar" | "nar" | "mask"
+    level: int  # target codebook level (0 for ar and mask)
+    lang: int = 0
+    mask: np.ndarray | None = None  # (T,) bool: masked frames of a "mask" example
+
+
+@dataclass
+class SequenceBatch:
+    """Padded arrays of one batch; S = the longest sequence. Shapes in the comments."""
+
+    segment: np.ndarray  # (B, S) int8: PAD, TEXT, LANG, TASK, PROMPT, RESPONSE
+    text: np.ndarray  # (B, S) int64: text token at TEXT positions, else 0
+    prompt: np.ndarray  # (B, K, S) int64: prompt codes at PROMPT positions, else 0
+    response: np.ndarray  # (B, K, S) int64: response input codes at RESPONSE positions, else 0
+    positions: np.ndarray  # (B, S) int64: RoPE positions
+    lang: np.ndarray  # (B,) int64
+    task: np.ndarray  # (B,) int64: task token: 0 = AR, l = NAR level l, K = NAR-len (masked)
+    level: np.ndarray  # (B,) int64: target level
+    bidir_start: np.ndarray  # (B,) int64: first bidirectional position (S for causal rows)
+    targets: np.ndarray  # (B, S) int64: target code at loss positions, IGNORE elsewhere
+    len_position: np.ndarray  # (B,) int64: position whose hidden state the len head reads (-1: none)
+    len_target: np.ndarray  # (B,) int64: response frames for the len head (-1: no len loss)
+    n_codebooks: int
+    codebook_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.segment.shape
+
+    @property
+    def tokens(self) -> int:
+        """Real (unpadded) positions in the batch."""
+        return int((self.segment != PAD).sum())
+
+
+def level_probabilities(levels: str | tuple[float, ...], n_codebooks: int, capabilities: tuple[str, ...]) -> np.ndarray:
+    """(K,) probability of each target level; level 0 only without the NAR capability."""
+    k = n_codebooks
+    if isinstance(levels, str):
+        if levels == "auto":
+            p = np.arange(k, 0, -1, dtype=np.float64)  # level i with weight K - i
+        elif levels == "equal":
+            p = np.ones(k)
+        else:
+            raise InputError(f"levels {levels!r}: expected auto, equal or one probability per level")
+    else:
+        p = np.asarray(levels, dtype=np.float64)
+        if p.shape != (k,) or (p < 0).any() or p.sum() <= 0:
+            raise InputError(f"levels: expected {k} non-negative probabilities (one per codebook), got {list(levels)}")
+    if "nar" not in capabilities:
+        p = np.r_[1.0, np.zeros(k - 1)]
+    if "ar" not in capabilities and "len" not in capabilities:
+        p[0] = 0.0
+        if p.sum() <= 0:
+            raise InputError("capabilities: nothing left to train")
+    return p / p.sum()
+
+
+def task_token(kind: str, level: int, n_codebooks: int) -> int:
+    return {"ar": 0, "nar": level, "mask": n_codebooks}[kind]
+
+
+def crop(codes: np.ndarray, frames: int, rng: np.random.Generator) -> np.ndarray:
+    """A random window of at most ``frames`` frames of (K, T) codes."""
+    t = codes.shape[1]
+    if t <= frames:
+        return codes
+    start = int(rng.integers(0, t - frames + 1))
+    return codes[:, start:start + frames]
+
+
+def draw_examples(records: list[tuple[np.ndarray, np.ndarray]], prompts: list[np.ndarray | None],
+                  rng: np.random.Generator, config: TaskConfig, frame_rate: float,
+                  capabilities: tuple[str, ...] = ("ar", "nar", "len")) -> list[Example]:
+    """One Example per (text, codes) record; ``prompts[i]`` is a (K, P) prompt source or None."""
+    if not records:
+        return []
+    k = records[0][1].shape[0]
+    p_levels = level_probabilities(config.levels, k, capabilities)
+    masked_p = config.masked_p if "len" in capabilities else 0.0
+    if "ar" not in capabilities:
+        masked_p = 1.0
+    lo, hi = config.prompt_seconds
+    examples = []
+    for (text, codes), source in zip(records, prompts, strict=True):
+        level = int(rng.choice(k, p=p_levels))
+        kind = "nar" if level else ("mask" if rng.random() < masked_p else "ar")
+        u = rng.random()
+        drop_text = u < config.cond_dropout_p
+        drop_prompt = u < config.cond_dropout_p + config.prompt_dropout_p
+        prompt = np.zeros((k, 0), dtype=np.int64)
+        if source is not None and not drop_prompt:
+            frames = max(1, int(round(rng.uniform(lo, hi) * frame_rate)))
+            prompt = crop(np.asarray(source, dtype=np.int64), frames, rng)
+        mask = None
+        if kind == "mask":
+            t = codes.shape[1]
+            n_masked = max(1, int(round(config.mask_ratio * t)))
+            mask = np.zeros(t, dtype=bool)
+            mask[rng.choice(t, size=min(n_masked, t), replace=False)] = True
+        examples.append(Example(
+            text=np.zeros(0, dtype=np.int64) if drop_text else np.asarray(text, dtype=np.int64),
+            prompt=prompt, codes=np.asarray(codes, dtype=np.int64), kind=kind, level=level, lang=config.lang,
+            mask=mask,
+        ))
+    return examples
+
+
+def sequence_length(example: Example) -> int:
+    """Positions of an example: text, lang, task, prompt, response (+1 start position for AR)."""
+    return len(example.text) + 2 + example.prompt.shape[1] + example.codes.shape[1] + (example.kind == "ar")
+
+
+def collate(examples: list[Example], codebook_size: int, unified_positions: bool = False) -> SequenceBatch:
+    """Lay out ``<text> <lang> <task> <prompt> <response>`` per row, right-padded to the longest.
+
+    Response inputs and targets per kind (codebook_size is the stop / start / mask id):
+        ar    inputs [start, c0_0 .. c0_{T-1}]       targets [c0_0 .. c0_{T-1}, stop]   causal
+        nar   inputs levels 0..l-1 of every frame    targets level l                    bidirectional response
+        mask  inputs level 0, masked frames = mask   targets level 0 at masked frames   bidirectional response
+    The len head reads the last prefix position of "mask" rows (causal, so it never sees the response).
+    """
+    if not examples:
+        raise InputError("an empty batch")
+    k = examples[0].codes.shape[0]
+    b, s = len(examples), max(sequence_length(e) for e in examples)
+    stop = codebook_size
+    out = SequenceBatch(
+        segment=np.zeros((b, s), np.int8), text=np.zeros((b, s), np.int64),
+        prompt=np.zeros((b, k, s), np.int64), response=np.zeros((b, k, s), np.int64),
+        positions=np.zeros((b, s), np.int64), lang=np.zeros(b, np.int64), task=np.zeros(b, np.int64),
+        level=np.zeros(b, np.int64), bidir_start=np.full(b, s, np.int64), targets=np.full((b, s), IGNORE, np.int64),
+        len_position=np.full(b, -1, np.int64), len_target=np.full(b, -1, np.int64), n_codebooks=k,
+        codebook_size=codebook_size,
+    )
+    for row, e in enumerate(examples):
+        if e.codes.shape[0] != k or e.prompt.shape[0] != k:
+            raise InputError(f"batch mixes codebook counts ({e.codes.shape[0]} vs {k})")
+        n_text, n_prompt, n_frames = len(e.text), e.prompt.shape[1], e.codes.shape[1]
+        n_resp = n_frames + (e.kind == "ar")
+        bounds = np.cumsum([0, n_text, 1, 1, n_prompt, n_resp])  # segment starts, and the end
+        kinds = (TEXT, LANG, TASK, PROMPT, RESPONSE)
+        for kind, start, stop_at in zip(kinds, bounds[:-1], bounds[1:], strict=True):
+            out.segment[row, start:stop_at] = kind
+            out.positions[row, start:stop_at] = (np.arange(start, stop_at) if unified_positions
+                                                 else np.arange(stop_at - start))
+        t0, p0, r0 = bounds[0], bounds[3], bounds[4]
+        out.text[row, t0:t0 + n_text] = e.text
+        out.prompt[row, :, p0:p0 + n_prompt] = e.prompt
+        out.lang[row], out.level[row] = e.lang, e.level
+        out.task[row] = task_token(e.kind, e.level, k)
+        if e.kind == "ar":
+            out.response[row, 0, r0] = stop  # the start position
+            out.response[row, 0, r0 + 1:r0 + n_resp] = e.codes[0]
+            out.targets[row, r0:r0 + n_frames] = e.codes[0]
+            out.targets[row, r0 + n_frames] = stop
+        elif e.kind == "nar":
+            out.response[row, :e.level, r0:r0 + n_frames] = e.codes[:e.level]
+            out.targets[row, r0:r0 + n_frames] = e.codes[e.level]
+            out.bidir_start[row] = r0
+        else:  # mask
+            assert e.mask is not None
+            out.response[row, 0, r0:r0 + n_frames] = np.where(e.mask, stop, e.codes[0])
+            out.targets[row, r0:r0 + n_frames] = np.where(e.mask, e.codes[0], IGNORE)
+            out.bidir_start[row] = r0
+            out.len_position[row], out.len_target[row] = r0 - 1, n_frames
+    return out
+
+
+def len_digits(frames: np.ndarray, digits: int) -> np.ndarray:
+    """(B,) frame counts -> (B, digits) base-10 digits, most significant first (clipped to 10**digits - 1)."""
+    frames = np.clip(np.asarray(frames, dtype=np.int64), 0, 10**digits - 1)
+    powers = 10 ** np.arange(digits - 1, -1, -1)
+    return (frames[:, None] // powers[None, :]) % 10
