@@ -8,6 +8,7 @@
         model.safetensors              weights (LoRA adapters included, by name, when training a LoRA)
         config.json                    format_version, step, model config, codec, tokenizer, lora, metrics
         lora.safetensors               the adapters alone (only for LoRA runs; load with model.lora)
+        codec.safetensors              the fitted built-in codec the codes came from (when it was found)
         train_state/
           optimizer.safetensors        every optimizer tensor, by "<param index>.<name>"
           state.json                   optimizer param groups and scalars, scheduler, loader, step,
@@ -103,11 +104,13 @@ def _write_json(path: Path, data: Any) -> None:
 
 def save_checkpoint(run: str | os.PathLike[str], step: int, model_state: dict[str, Any], meta: dict[str, Any],
                     train_state: dict[str, Any] | None = None, optimizer_tensors: dict[str, Any] | None = None,
-                    lora_file: tuple[Any, ...] | None = None, keep_last: int = 0) -> Path:
+                    lora_file: tuple[Any, ...] | None = None, keep_last: int = 0,
+                    extra_files: dict[str, Path] | None = None) -> Path:
     """Write ``run/checkpoints/step-N`` atomically (temporary folder + rename); prune old saves.
 
     ``lora_file`` = (save function, *args) writes ``lora.safetensors`` into the folder.
     ``keep_last`` > 0 keeps that many newest checkpoints, plus the one ``best`` names.
+    ``extra_files`` (name -> source) are copied in: the fitted codec, so a checkpoint is self-contained.
     """
     from safetensors.torch import save_file
 
@@ -122,6 +125,8 @@ def save_checkpoint(run: str | os.PathLike[str], step: int, model_state: dict[st
                   metadata={"format": "pt", "kind": CHECKPOINT_KIND})
         _write_json(tmp / CONFIG_FILE, {**meta, "kind": CHECKPOINT_KIND, "format_version": CHECKPOINT_FORMAT_VERSION,
                                         "step": step, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, tmp / name)
         if lora_file is not None:
             save, *args = lora_file
             save(tmp / LORA_FILE, *args)

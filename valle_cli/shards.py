@@ -122,15 +122,19 @@ def read_codes_folders(folders: Sequence[str | os.PathLike[str]]) -> tuple[Any, 
     return codes, spec
 
 
-def read_phonemes_files(paths: Sequence[str | os.PathLike[str]]) -> tuple[Any, dict[str, Any]]:
-    """Phonemes files -> (DataFrame id, tokens[, speaker], tokenizer metadata); one tokenizer for all."""
+def read_phonemes_files(paths: Sequence[str | os.PathLike[str]]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Phonemes files -> (DataFrame id, tokens[, speaker], tokenizer metadata, text settings of the first).
+
+    One tokenizer for all. The settings (language, punctuation, stress, normalisation) travel to the
+    checkpoints so ``sample`` phonemizes new text exactly as the training text was.
+    """
     import polars as pl
 
-    parts, tokenizer = [], None
+    parts, tokenizer, settings = [], None, {}
     for path in paths:
         df, meta = formats.read_phonemes(path)
         if tokenizer is None:
-            tokenizer, first = meta["tokenizer"], path
+            tokenizer, first, settings = meta["tokenizer"], path, meta.get("settings", {})
         elif meta["tokenizer"] != tokenizer:
             raise FormatError(f"{path} and {first} use different tokenizers (phonemize one with --vocab {first})")
         top = df["tokens"].list.max().max()
@@ -139,7 +143,7 @@ def read_phonemes_files(paths: Sequence[str | os.PathLike[str]]) -> tuple[Any, d
         parts.append(df.select("id", "tokens", *(["speaker"] if "speaker" in df.columns else [])))
     phonemes = pl.concat(parts, how="diagonal")
     _refuse_duplicates(phonemes, "phonemes files")
-    return phonemes, tokenizer
+    return phonemes, tokenizer, settings
 
 
 def _refuse_duplicates(df: Any, what: str) -> None:
@@ -284,7 +288,7 @@ def plan_shards(codes: Sequence[str | os.PathLike[str]], phonemes: Sequence[str 
     _check_options(options)
     report = ShardReport(out=Path(out))
     codes_df, codec = read_codes_folders(codes)
-    text_df, tokenizer = read_phonemes_files(phonemes)
+    text_df, tokenizer, text_settings = read_phonemes_files(phonemes)
 
     # Join by id. Ids in one input only are counted per input and per filter reason.
     only_codes = codes_df.join(text_df, on="id", how="anti")
@@ -364,6 +368,7 @@ def plan_shards(codes: Sequence[str | os.PathLike[str]], phonemes: Sequence[str 
     meta = {
         "codec": codec,
         "tokenizer": tokenizer,
+        "text_settings": text_settings,
         "n_codebooks": header.n_codebooks,
         "codebook_size": header.codebook_size,
         "text_vocab_size": header.text_vocab_size,
@@ -501,6 +506,7 @@ class ShardSet:
         self.index_path = self.folder / formats.SHARD_INDEX_NAME
         self.codec: dict[str, Any] = self.meta["codec"]
         self.tokenizer_meta: dict[str, Any] = self.meta["tokenizer"]
+        self.text_settings: dict[str, Any] = self.meta.get("text_settings", {})
         self.n_codebooks = int(self.meta["n_codebooks"])
         self.codebook_size = int(self.meta["codebook_size"])
         self.text_vocab_size = int(self.meta["text_vocab_size"])

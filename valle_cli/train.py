@@ -282,9 +282,30 @@ def run_meta(model_config: ModelConfig, task_config: tasks.TaskConfig, train_con
              lora: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "model": model_config.to_dict(), "tasks": task_config.to_dict(), "train": train_config.to_dict(),
-        "codec": data.codec, "tokenizer": data.tokenizer_meta, "frame_rate": data.frame_rate,
+        "codec": data.codec, "tokenizer": data.tokenizer_meta, "text_settings": data.text_settings,
+        "frame_rate": data.frame_rate,
         "shards": str(data.folder), "lora": lora,
     }
+
+
+def find_codec_file(data: Any) -> Path | None:
+    """The fitted built-in codec file of the shards' codes (recorded path, or beside the codes), if found."""
+    spec = data.codec
+    if spec.get("name") != "builtin":
+        return None
+    from valle_cli.codecs import same_codec
+    from valle_cli.codecs.builtin import BuiltinCodec
+
+    candidates = [Path(spec["path"])] if spec.get("path") else []
+    candidates += [Path(p) / "codec.safetensors" for p in data.meta.get("inputs", {}).get("codes", [])]
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                if same_codec(BuiltinCodec.load(candidate).spec, spec):
+                    return candidate
+            except ValleError:
+                continue
+    return None
 
 
 def prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
@@ -480,6 +501,7 @@ def train(shards: str | os.PathLike[str], out: str | os.PathLike[str], model_con
     optimizer = build_optimizer(model, train_config, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, train_config))
     meta = run_meta(model_config, task_config, train_config, data, lora)
+    codec_file = find_codec_file(data)
     report = TrainReport(out=out, parameters=count_parameters(model))
 
     step, best, nan_streak = 0, None, 0
@@ -540,6 +562,7 @@ def train(shards: str | os.PathLike[str], out: str | os.PathLike[str], model_con
             train_state={"step": at_step, "optimizer": rest, "scheduler": scheduler.state_dict(),
                          "sampler": states, "torch_rng": rngs, "best_val_loss": best, "nan_streak": nan_streak},
             optimizer_tensors=tensors, lora_file=lora_file, keep_last=train_config.keep_last,
+            extra_files={"codec.safetensors": codec_file} if codec_file else None,
         )
         report.checkpoints.append(str(path))
         plot_curves(out)
@@ -585,7 +608,7 @@ def train(shards: str | os.PathLike[str], out: str | os.PathLike[str], model_con
                                         "earlier checkpoint")
             optimizer.zero_grad(set_to_none=True)
             with warnings.catch_warnings():  # a skipped step still counts: the schedule follows the step number
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
                 scheduler.step()
             step += 1
             window_tokens += tokens

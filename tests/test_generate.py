@@ -1,0 +1,207 @@
+"""Generation: samplers, AR with a KV cache, NAR passes, NAR-len demasking, batches, long-form."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from valle_cli.errors import InputError
+from valle_cli.generate import (
+    GenerateConfig,
+    Request,
+    SamplerConfig,
+    apply_repetition_penalty,
+    filter_logits,
+    generate_ar,
+    generate_nar_len,
+    guide,
+    sample_tokens,
+    synthesize,
+    synthesize_long,
+)
+from valle_cli.model.config import preset
+from valle_cli.model.valle import CodecLM
+
+K, V, VOCAB = 3, 32, 40
+GREEDY = GenerateConfig(mode="ar+nar", ar=SamplerConfig(temperature=0.0), max_frames=12)
+
+
+def model_for(arch: str = "transformer", seed: int = 0, **kw) -> CodecLM:
+    torch.manual_seed(seed)
+    extra = {"moe_experts": 4} if arch == "mixtral" else {}
+    return CodecLM(preset("tiny", arch=arch, n_codebooks=K, codebook_size=V, text_vocab_size=VOCAB, **extra,
+                          **kw)).eval()
+
+
+def request(seed: int, text: int = 6, prompt: int = 8, duration: int | None = None) -> Request:
+    rng = np.random.default_rng(seed)
+    return Request(text=rng.integers(4, VOCAB, size=text), prompt=rng.integers(0, V, size=(K, prompt)),
+                   duration=duration)
+
+
+# ----------------------------------------------------------------------------- samplers
+
+
+def test_guidance_strength_zero_is_plain_and_rescale_keeps_the_spread():
+    c, u = torch.randn(4, V), torch.randn(4, V)
+    assert torch.equal(guide(c, u, 0.0, 0.75), c)
+    g = guide(c, u, 3.0, 1.0)
+    assert torch.allclose(g.std(-1), c.std(-1), atol=1e-5)
+    assert torch.allclose(guide(c, u, 3.0, 0.0), c + 3.0 * (c - u))
+    gen = torch.Generator().manual_seed(0)
+    plain = sample_tokens(c, SamplerConfig(temperature=1.0), torch.Generator().manual_seed(0))
+    zero_cfg = sample_tokens(c, SamplerConfig(temperature=1.0, cfg_strength=0.0), gen, uncond=u)
+    assert torch.equal(plain, zero_cfg)
+
+
+def test_filters_keep_what_they_should():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, SamplerConfig(top_k=2))).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, SamplerConfig(top_p=0.7))).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, SamplerConfig(top_p=0.81))).tolist() == [[False, False, False, True]]
+    assert torch.isinf(filter_logits(logits, SamplerConfig(min_p=0.25))).tolist() == [[False, False, False, True]]
+
+
+def test_repetition_penalty_window_and_decay():
+    logits = torch.full((1, 6), 2.0)
+    history = torch.tensor([[1, 2, 2, 5]])  # 5 is the newest
+    out = apply_repetition_penalty(logits, history, SamplerConfig(repetition_penalty=2.0, repetition_window=3))
+    assert out[0].tolist() == [2.0, 2.0, 0.5, 2.0, 2.0, 1.0]  # 1 is outside the window; 2 twice
+    decayed = apply_repetition_penalty(logits, history, SamplerConfig(repetition_penalty=2.0, repetition_decay=0.5))
+    assert decayed[0, 5] == 1.0 and 1.0 < decayed[0, 1] < decayed[0, 0]
+
+
+def test_greedy_and_seeded_sampling_are_deterministic():
+    logits = torch.randn(64, V)
+    cfg = SamplerConfig(temperature=1.0, top_k=10)
+    a = sample_tokens(logits, cfg, torch.Generator().manual_seed(3))
+    b = sample_tokens(logits, cfg, torch.Generator().manual_seed(3))
+    c = sample_tokens(logits, cfg, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(sample_tokens(logits, SamplerConfig(temperature=0), None), logits.argmax(-1))
+    draws = torch.stack([sample_tokens(logits[:1], SamplerConfig(), torch.Generator().manual_seed(s))
+                         for s in range(3000)])
+    freq = torch.bincount(draws[:, 0], minlength=V).float() / 3000
+    assert torch.allclose(freq, logits[0].softmax(-1), atol=0.03)  # the exponential race samples the softmax
+
+
+# ----------------------------------------------------------------------------- AR + NAR
+
+
+def test_greedy_synthesis_is_deterministic_and_shaped():
+    model = model_for()
+    a = synthesize(model, [request(0)], GREEDY)
+    b = synthesize(model, [request(0)], GREEDY)
+    assert a[0].shape[0] == K and 1 <= a[0].shape[1] <= 12
+    assert np.array_equal(a[0], b[0]) and a[0].max() < V
+
+
+def test_seeded_sampling_reproduces_and_seeds_differ():
+    model = model_for()
+    cfg = replace(GREEDY, ar=SamplerConfig(temperature=1.0), nar=SamplerConfig(temperature=1.0), max_frames=30)
+    a = synthesize(model, [request(0)], cfg, seed=1)
+    b = synthesize(model, [request(0)], cfg, seed=1)
+    c = synthesize(model, [request(0)], cfg, seed=2)
+    assert np.array_equal(a[0], b[0]) and not np.array_equal(a[0], c[0])
+
+
+def test_stop_token_and_max_length_are_honoured():
+    model = model_for()
+    with torch.no_grad():
+        model.head_ar.bias[V] = 100.0  # the stop token always wins...
+    out = synthesize(model, [request(0)], replace(GREEDY, min_frames=3))
+    assert out[0].shape[1] == 3  # ...once it is allowed
+    with torch.no_grad():
+        model.head_ar.bias[V] = -100.0  # never stops
+    out = synthesize(model, [request(0)], replace(GREEDY, max_frames=17))
+    assert out[0].shape[1] == 17
+
+
+@pytest.mark.parametrize("arch", ["transformer", "llama", "mixtral"])
+def test_cached_decoding_equals_recomputing_token_for_token(arch):
+    model = model_for(arch)
+    with torch.no_grad():
+        model.head_ar.bias[V] = -100.0
+    reqs = [request(0), request(1, text=3, prompt=5)]
+    cached = generate_ar(model, reqs, replace(GREEDY, max_frames=20))
+    full = generate_ar(model, reqs, replace(GREEDY, max_frames=20, use_cache=False))
+    assert all(np.array_equal(a, b) for a, b in zip(cached, full, strict=True))
+
+
+@pytest.mark.parametrize("arch", ["transformer", "llama"])
+def test_a_batch_gives_what_each_row_gives_alone(arch):
+    model = model_for(arch)
+    with torch.no_grad():
+        model.head_ar.bias[V] = {"transformer": 0.2, "llama": 0.2}[arch]  # rows stop at different times
+    reqs = [request(0), request(1, text=3, prompt=0), request(2, text=9, prompt=12)]
+    cfg = replace(GREEDY, max_frames=25)
+    together = synthesize(model, reqs, cfg)
+    for r, got in zip(reqs, together, strict=True):
+        (alone,) = synthesize(model, [r], cfg)
+        assert np.array_equal(alone, got)
+    assert len({c.shape[1] for c in together}) > 1  # the rows really ended apart
+
+
+def test_cfg_runs_and_changes_the_output():
+    model = model_for()
+    with torch.no_grad():
+        model.head_ar.bias[V] = -100.0
+    plain = synthesize(model, [request(0)], GREEDY)
+    guided = synthesize(model, [request(0)], replace(GREEDY, ar=SamplerConfig(temperature=0.0, cfg_strength=3.0)))
+    assert plain[0].shape == guided[0].shape and not np.array_equal(plain[0], guided[0])
+
+
+# ----------------------------------------------------------------------------- NAR-len
+
+
+def test_nar_len_never_remasks_kept_tokens_and_ends_unmasked():
+    model = model_for()
+    history = []
+    cfg = GenerateConfig(mode="nar-len", steps=6, demask=SamplerConfig(temperature=1.0, cfg_strength=2.5))
+    generate_nar_len(model, [request(0, duration=20), request(1, duration=9)], cfg,
+                     torch.Generator().manual_seed(0), on_step=lambda i, t, m: history.append((t, m)))
+    assert len(history) == 6
+    for row in range(2):
+        for (t_prev, m_prev), (t_next, m_next) in zip(history, history[1:], strict=False):
+            kept = ~m_prev[row]
+            assert not m_next[row][kept].any()  # never re-masked
+            assert np.array_equal(t_prev[row][kept], t_next[row][kept])  # never changed
+            assert m_next[row].sum() < max(m_prev[row].sum(), 1)  # progress every round
+        assert not history[-1][1][row].any()
+
+
+def test_nar_len_duration_from_the_len_head_or_forced():
+    model = model_for()
+    with torch.no_grad():  # the len head says 00017 frames
+        model.head_len.bias.fill_(-50.0)
+        for position, digit in enumerate([0, 0, 0, 1, 7]):
+            model.head_len.bias[position * 10 + digit] = 50.0
+    cfg = GenerateConfig(mode="nar-len", steps=3)
+    predicted, forced = synthesize(model, [request(0), request(1, duration=5)], cfg, seed=0)
+    assert predicted.shape == (K, 17) and forced.shape == (K, 5)
+
+
+# ----------------------------------------------------------------------------- long-form, errors
+
+
+def test_long_form_is_the_sum_of_its_segments():
+    model = model_for()
+    sentences = [request(i).text for i in range(3)]
+    joined, frames = synthesize_long(model, sentences, request(9).prompt, GREEDY, context_history=1)
+    assert len(frames) == 3 and joined.shape == (K, sum(frames))
+
+
+def test_bad_requests_are_refused():
+    model = model_for()
+    with pytest.raises(InputError, match="codebooks"):
+        synthesize(model, [Request(text=np.array([5]), prompt=np.zeros((K + 1, 4), np.int64))], GREEDY)
+    with pytest.raises(InputError, match="outside"):
+        synthesize(model, [Request(text=np.array([5]), prompt=np.full((K, 4), V))], GREEDY)
+    with pytest.raises(InputError, match="text token"):
+        synthesize(model, [Request(text=np.array([VOCAB]), prompt=np.zeros((K, 4), np.int64))], GREEDY)
+    ar_only = model_for(capabilities=("ar", "nar"))
+    with pytest.raises(InputError, match="without NAR-len"):
+        synthesize(ar_only, [request(0)], GenerateConfig(mode="nar-len"))
