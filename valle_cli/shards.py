@@ -373,6 +373,7 @@ def plan_shards(codes: Sequence[str | os.PathLike[str]], phonemes: Sequence[str 
         "codebook_size": header.codebook_size,
         "text_vocab_size": header.text_vocab_size,
         "frame_rate": header.frame_rate,
+        "sample_rate": first.sample_rate,
         "shards": shards_meta,
         "split": {"val_fraction": options.val_fraction, "split_by": options.split_by, "seed": options.seed,
                   "speaker_depth": options.speaker_depth, "speaker_column": bool(speaker_columns)},

@@ -283,7 +283,7 @@ def run_meta(model_config: ModelConfig, task_config: tasks.TaskConfig, train_con
     return {
         "model": model_config.to_dict(), "tasks": task_config.to_dict(), "train": train_config.to_dict(),
         "codec": data.codec, "tokenizer": data.tokenizer_meta, "text_settings": data.text_settings,
-        "frame_rate": data.frame_rate,
+        "frame_rate": data.frame_rate, "sample_rate": data.meta.get("sample_rate"),
         "shards": str(data.folder), "lora": lora,
     }
 

@@ -104,4 +104,5 @@ def command(inputs: Inputs, out: Out, chunks: Chunks = None, min_seconds: MinSec
 
 
 def register(app: typer.Typer) -> None:
-    app.command("shard", help=HELP, no_args_is_help=True)(command)
+    app.command("shard", help=HELP, short_help="Codes + phonemes -> training shards (.bin + index.parquet).",
+                no_args_is_help=True)(command)

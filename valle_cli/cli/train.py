@@ -254,4 +254,5 @@ class step_display:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train", help=HELP, no_args_is_help=True)(command)
+    app.command("train", help=HELP, short_help="Shards -> a trained codec LM (checkpoints, logs, curves).",
+                no_args_is_help=True)(command)

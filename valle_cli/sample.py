@@ -1,0 +1,190 @@
+"""``valle sample``: text + a voice prompt -> codes, with a trained checkpoint (the library side).
+
+    sampler = Sampler.load("run/", device="cpu")
+    item = sampler.tts("Hello there. How are you?", prompts=["ref.wav"], config=GenerateConfig())
+    formats.write_codes("out.npz", item)
+
+A prompt is audio (encoded with the checkpoint's codec) or codes (.npz, which must come from the
+same codec as the model); several prompts are joined in time and cropped to ``prompt_seconds``.
+Text is phonemized and tokenized exactly as the training text was (the settings travel in the
+checkpoint). Several sentences are generated one by one, each prompted by the reference and the
+previous ``context_history`` outputs, and every segment is kept: the npz holds the joined codes
+and a ``segments`` array of frames per sentence.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from valle_cli import checkpoint as ckpt
+from valle_cli import formats
+from valle_cli.codecs import check_same_codec, codec_from_spec, describe
+from valle_cli.errors import InputError
+from valle_cli.generate import GenerateConfig, GenerateStats, Request, synthesize, synthesize_long
+
+_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+(?=\S)")
+
+
+def split_sentences(text: str) -> list[str]:
+    """'One. Two? Three!' -> ['One.', 'Two?', 'Three!'] (blank pieces dropped)."""
+    return [s.strip() for s in _SENTENCE_END.split(text.strip()) if s.strip()]
+
+
+@dataclass
+class Sampler:
+    model: Any  # CodecLM in eval mode
+    meta: dict[str, Any]  # the checkpoint's config.json
+    folder: Path  # the checkpoint folder
+    device: str
+    _codec: Any = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], device: str = "cpu", which: str = "last") -> Sampler:
+        from valle_cli.model.load import load_model
+
+        folder = ckpt.resolve_checkpoint(path, which)
+        model, meta = load_model(folder, device)
+        return cls(model=model, meta=meta, folder=folder, device=device)
+
+    # -- the codec and its files
+
+    @property
+    def codec_spec(self) -> dict[str, Any]:
+        """The model's codec, pointing at the checkpoint's copy of a fitted codec when there is one."""
+        spec = dict(self.meta["codec"])
+        if spec.get("name") == "builtin" and (self.folder / "codec.safetensors").is_file():
+            spec["path"] = str((self.folder / "codec.safetensors").resolve())
+        return spec
+
+    def codec(self) -> Any:
+        if self._codec is None:
+            self._codec = codec_from_spec(self.codec_spec, self.device, search=[self.folder, self.folder.parent.parent])
+        return self._codec
+
+    @property
+    def frame_rate(self) -> float:
+        return float(self.meta["frame_rate"])
+
+    @property
+    def sample_rate(self) -> int:
+        if self.meta.get("sample_rate"):
+            return int(self.meta["sample_rate"])
+        return int(self.codec().sample_rate)
+
+    # -- inputs
+
+    def prompt_codes(self, prompts: list[str | os.PathLike[str] | bytes], prompt_seconds: float | None) -> np.ndarray:
+        """(K, P) codes of the prompts joined in time, cropped to the first ``prompt_seconds``."""
+        k = self.model.config.n_codebooks
+        parts = []
+        for prompt in prompts:
+            name = "<stdin>" if isinstance(prompt, bytes) else str(prompt)
+            if isinstance(prompt, bytes) or str(prompt).endswith(".npz"):
+                item = formats.read_codes(prompt) if not isinstance(prompt, bytes) else formats.codes_from_bytes(prompt)
+                check_same_codec(self.meta["codec"], item.codec, f"prompt {name}")
+                codes = np.asarray(item.codes, np.int64)
+            else:
+                from valle_cli.quantize import quantize_file
+
+                codes = np.asarray(quantize_file(prompt, self.codec(), name=name).codes, np.int64)
+            if codes.shape[0] != k:
+                raise InputError(f"prompt {name}: {codes.shape[0]} codebooks, the model has {k}")
+            parts.append(codes)
+        joined = np.concatenate(parts, axis=1) if parts else np.zeros((k, 0), np.int64)
+        if prompt_seconds is not None and prompt_seconds > 0:
+            joined = joined[:, :max(1, int(round(prompt_seconds * self.frame_rate)))]
+        return joined
+
+    def text_tokens(self, text: str) -> np.ndarray:
+        from valle_cli.text import text_to_tokens
+
+        meta = {"tokenizer": self.meta["tokenizer"], "settings": self.meta.get("text_settings", {})}
+        _, tokens = text_to_tokens(text, meta)
+        return np.asarray(tokens, np.int64)
+
+    def default_prompt_seconds(self) -> float:
+        return float(self.meta.get("tasks", {}).get("prompt_seconds", [3.0, 6.0])[1])
+
+    # -- outputs
+
+    def to_codes(self, codes: np.ndarray, segments: list[int] | None = None, text: str = "") -> formats.Codes:
+        extra = {"segments": np.asarray(segments, np.int64)} if segments else {}
+        return formats.Codes(codes=np.asarray(codes, np.int16), sample_rate=self.sample_rate,
+                             frame_rate=self.frame_rate, codec=self.codec_spec, source="",
+                             seconds=codes.shape[1] / self.frame_rate, extra=extra)
+
+    # -- generation
+
+    def tts(self, text: str, prompts: list[Any], config: GenerateConfig = GenerateConfig(),
+            prompt_seconds: float | None = None, context_history: int = 1, lang: int = 0,
+            duration_seconds: float | None = None, seed: int | None = None,
+            stats: GenerateStats | None = None) -> formats.Codes:
+        """One text (one or more sentences) in the prompt's voice -> Codes."""
+        prompt = self.prompt_codes(prompts, self.default_prompt_seconds() if prompt_seconds is None else prompt_seconds)
+        sentences = split_sentences(text)
+        if not sentences:
+            raise InputError("empty --text: nothing to say")
+        tokens = [self.text_tokens(s) for s in sentences]
+        with self.autocast():
+            if len(tokens) == 1:
+                duration = None if duration_seconds is None else max(1, round(duration_seconds * self.frame_rate))
+                (codes,) = synthesize(self.model, [Request(tokens[0], prompt, lang, duration)], config, seed, stats)
+                return self.to_codes(codes)
+            codes, frames = synthesize_long(self.model, tokens, prompt, config, context_history, lang, seed, stats)
+        return self.to_codes(codes, frames)
+
+    def tts_batch(self, texts: list[str], prompts: list[np.ndarray], config: GenerateConfig, lang: int = 0,
+                  seed: int | None = None, stats: GenerateStats | None = None) -> list[formats.Codes]:
+        """Single-sentence texts with their (K, P) prompts, generated as one batch."""
+        requests = [Request(self.text_tokens(t), p, lang) for t, p in zip(texts, prompts, strict=True)]
+        with self.autocast():
+            return [self.to_codes(c) for c in synthesize(self.model, requests, config, seed, stats)]
+
+    def autocast(self) -> Any:
+        import contextlib
+
+        import torch
+
+        if self.device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def read_sample_manifest(path: str | os.PathLike[str]) -> list[tuple[str, str, list[str]]]:
+    """(id, text, prompts) rows of an ``id|text|prompt`` table ('|', tab or ',' separated; '+' joins prompts).
+
+    A header row (id, text, prompt) is skipped; relative prompt paths are relative to the table.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such manifest")
+    lines = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not lines:
+        raise InputError(f"{path}: empty manifest")
+    delimiter = next((d for d in ("|", "\t", ",") if all(d in line for line in lines)), None)
+    if delimiter is None:
+        raise InputError(f"{path}: expected id|text|prompt rows ('|', tab or ',' separated)")
+    rows, seen = [], set()
+    for number, line in enumerate(lines, 1):
+        cells = [c.strip() for c in line.split(delimiter)]
+        if number == 1 and [c.lower() for c in cells[:3]] == ["id", "text", "prompt"]:
+            continue
+        if len(cells) != 3 or not all(cells):
+            raise InputError(f"{path}:{number}: expected 3 non-empty fields id{delimiter}text{delimiter}prompt")
+        uid, text, prompt = cells
+        if uid in seen:
+            raise InputError(f"{path}:{number}: id {uid!r} appears twice")
+        seen.add(uid)
+        prompts = [str(p if Path(p).is_absolute() else path.parent / p) for p in prompt.split("+")]
+        rows.append((uid, text, prompts))
+    return rows
+
+
+def describe_codec(meta: dict[str, Any]) -> str:
+    return describe(meta["codec"])
