@@ -205,3 +205,26 @@ def test_bad_requests_are_refused():
     ar_only = model_for(capabilities=("ar", "nar"))
     with pytest.raises(InputError, match="without NAR-len"):
         synthesize(ar_only, [request(0)], GenerateConfig(mode="nar-len"))
+
+
+def test_continuation_rollouts_stitch_one_tape():
+    from valle_cli.generate import continue_audio
+
+    model = model_for()
+    prompt = request(0, prompt=10).prompt
+    tape, parts = continue_audio(model, prompt, 6, GREEDY, rollouts=3, context_frames=8)
+    assert parts == [10, 6, 6, 6] and tape.shape == (K, 28)
+    assert np.array_equal(tape[:, :10], prompt)  # the prompt stays at the head of the tape
+    nar_len = continue_audio(model, prompt, 5, GenerateConfig(mode="nar-len", steps=2), rollouts=2)[0]
+    assert nar_len.shape == (K, 20)
+
+
+def test_infill_keeps_prefix_and_suffix_around_the_middle():
+    from valle_cli.generate import infill
+
+    model = model_for()
+    prefix, suffix = request(0, prompt=7).prompt, request(1, prompt=5).prompt
+    tape, parts = infill(model, prefix, suffix, GREEDY, frames=4)
+    assert parts == [7, 4, 5] and np.array_equal(tape[:, :7], prefix) and np.array_equal(tape[:, -5:], suffix)
+    free, parts = infill(model, prefix, suffix, replace(GREEDY, max_frames=9))
+    assert 1 <= parts[1] <= 9

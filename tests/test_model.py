@@ -237,3 +237,38 @@ def test_full_preset_is_about_220m_parameters():
         model = CodecLM(preset("full"))
     total = sum(p.numel() for p in model.parameters())
     assert 200e6 < total < 240e6
+
+
+# ----------------------------------------------------------------------------- continuation and in-fill
+
+
+def test_window_examples_continuation_and_infill_layout():
+    rng = np.random.default_rng(0)
+    window = np.arange(K * 40).reshape(K, 40) % V
+    cfg = tasks.TaskConfig(cond_dropout_p=0.0)
+    ex = tasks.window_examples([window] * 400, rng, cfg, infill_p=0.5)
+    infills = [e for e in ex if e.prompt_split >= 0]
+    assert 0.4 < len(infills) / len(ex) < 0.6 and all(len(e.text) == 0 for e in ex)
+    for e in ex:  # every frame of the window is in the prompt or the response, in order
+        if e.prompt_split >= 0:
+            a = e.prompt_split
+            rebuilt = np.concatenate([e.prompt[:, :a], e.codes, e.prompt[:, a:]], axis=1)
+        else:
+            rebuilt = np.concatenate([e.prompt, e.codes], axis=1)
+        assert np.array_equal(rebuilt, window)
+    e = infills[0]
+    b = tasks.collate([e], V)
+    p0 = 2
+    assert b.segment[0, p0 + e.prompt_split] == tasks.SEP
+    assert (b.segment[0] == tasks.PROMPT).sum() == e.prompt.shape[1]
+    assert (b.prompt[0, :, p0 + e.prompt_split + 1] == e.prompt[:, e.prompt_split]).all()
+
+
+def test_sep_is_embedded_and_trains():
+    model = model_for("transformer").train()
+    rng = np.random.default_rng(1)
+    window = rng.integers(0, V, size=(K, 30))
+    ex = tasks.window_examples([window] * 6, rng, tasks.TaskConfig(), infill_p=1.0)
+    out = model(Batch.from_numpy(tasks.collate(ex, V)))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.sep_emb.grad is not None and model.sep_emb.grad.abs().sum() > 0

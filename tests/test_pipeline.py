@@ -112,3 +112,29 @@ def test_bad_sample_inputs(run, espeak_corpus, tmp_path):
                                                              "--prompt", prompt, "-o", "-"))
     help_text = " ".join(run_valle("sample", "--help").stdout.decode().split())
     assert help_text.startswith("Usage") and "Example: valle sample run/" in help_text
+
+
+def test_audio_continuation_and_infill_pipeline(run, tmp_path):
+    """score-chunks -> shard --no-text -> train --task continuation --chunks -> sample --continue / --infill."""
+    ok(run_valle("score-chunks", run / "codes", "-o", tmp_path / "chunks.parquet", "-q"))
+    ok(run_valle("shard", run / "codes", "--no-text", "-o", tmp_path / "shards", "--chunks", tmp_path / "chunks.parquet",
+                 "-q"))
+    ok(run_valle("train", tmp_path / "shards", "-o", tmp_path / "run", "--task", "continuation", "--chunks",
+                 tmp_path / "chunks.parquet", "--set", "window_seconds=1.0", "--set", "windows_per_batch=3",
+                 *TRAIN))
+    prompt = sorted((run / "codes" / "spk01").glob("*.npz"))[0]
+    res = run_valle("sample", tmp_path / "run", "--prompt", prompt, "--continue-seconds", "0.2", "--rollouts", "2",
+                    "-o", "-", "--device", "cpu", "--seed", "1")
+    ok(res)
+    tape = formats.codes_from_bytes(res.stdout)
+    original = formats.read_codes(prompt).codes
+    assert tape.extra["segments"].tolist() == [original.shape[1], 15, 15]
+    assert np.array_equal(tape.codes[:, :original.shape[1]], original)
+    ok(run_valle("decode", "-", "-o", tmp_path / "tape.wav", input=res.stdout))
+    res = run_valle("sample", tmp_path / "run", "--prompt", prompt, "--infill-suffix", prompt, "--duration", "0.1",
+                    "-o", tmp_path / "infill.npz", "--device", "cpu")
+    ok(res)
+    assert formats.read_codes(tmp_path / "infill.npz").extra["segments"].tolist() == [original.shape[1], 8,
+                                                                                      original.shape[1]]
+    assert "take no --text" in _one_error_line(run_valle("sample", tmp_path / "run", "--prompt", prompt,
+                                                         "--continue-seconds", "1", "--text", "Hi.", "-o", "-"))

@@ -192,3 +192,24 @@ def test_two_process_gloo_ddp_run_on_cpu(shards, tmp_path):
     state = json.loads((run / "checkpoints/step-0000004/train_state/state.json").read_text())
     assert len(state["sampler"]) == 2 and state["sampler"][0]["params"]["world_size"] == 2
     assert [s for s, _ in losses(run)] == [1, 2, 3, 4] and all(np.isfinite(v) for _, v in losses(run))
+
+
+def test_continuation_training_on_audio_only_shards_resumes_exactly(tmp_path):
+    from valle_cli.shards import ShardOptions, build_shards
+
+    data = make_shards(tmp_path / "data", frames=(60, 90))
+    build_shards([tmp_path / "data" / "codes"], [], tmp_path / "audio_only",  # valle shard --no-text
+                 options=ShardOptions(min_seconds=0.1, val_fraction=0.2))
+    assert data.exists()
+    cont = replace(QUICK, task="continuation", window_seconds=2.0, windows_per_batch=4, infill_p=0.5)
+    straight = tmp_path / "straight"
+    report = train(tmp_path / "audio_only", straight, TINY, TASKS, cont, device="cpu")
+    assert report.steps == 8 and np.isfinite(report.last_loss) and report.best_val_loss is not None
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "audio_only", cut, TINY, TASKS, cont, device="cpu",
+              on_step=lambda info: (_ for _ in ()).throw(KeyboardInterrupt) if info["step"] == 3 else None)
+    train(tmp_path / "audio_only", cut, TINY, TASKS, cont, device="cpu", resume=True)
+    assert losses(cut) == losses(straight)
+    meta = json.loads((ckpt.resolve_checkpoint(straight) / "config.json").read_text())
+    assert meta["train"]["task"] == "continuation" and meta["tokenizer"]["kind"] == "none"

@@ -72,6 +72,7 @@ class Request:
     prompt: np.ndarray  # (K, P) prompt codes (P may be 0)
     lang: int = 0
     duration: int | None = None  # NAR-len: frames to generate (None: predicted)
+    prompt_split: int = -1  # in-fill: the prompt is prefix (first prompt_split frames) + SEP + suffix
 
 
 @dataclass
@@ -161,7 +162,8 @@ def _examples(requests: list[Request], kind: str, codes: list[np.ndarray], level
             rows.append(tasks.Example(
                 text=np.zeros(0, np.int64) if variant else np.asarray(r.text, np.int64),
                 prompt=np.zeros((k, 0), np.int64) if variant else np.asarray(r.prompt, np.int64),
-                codes=codes[i], kind=kind, level=level, lang=r.lang, mask=None if masks is None else masks[i]))
+                codes=codes[i], kind=kind, level=level, lang=r.lang, mask=None if masks is None else masks[i],
+                prompt_split=-1 if variant else r.prompt_split))
     return rows
 
 
@@ -401,6 +403,8 @@ def check_requests(model: CodecLM, requests: list[Request]) -> None:
             raise InputError(f"request {i}: prompt codes outside 0..{v - 1}")
         if len(r.text) and (np.min(r.text) < 0 or np.max(r.text) >= model.config.text_vocab_size):
             raise InputError(f"request {i}: text token outside the model's {model.config.text_vocab_size} ids")
+        if r.prompt_split > r.prompt.shape[1]:
+            raise InputError(f"request {i}: prompt split {r.prompt_split} past the prompt's {r.prompt.shape[1]} frames")
         if not 0 <= r.lang < model.config.n_langs:
             raise InputError(f"request {i}: language id {r.lang} outside 0..{model.config.n_langs - 1}")
 
@@ -440,3 +444,44 @@ def synthesize_long(model: CodecLM, sentences: list[np.ndarray], prompt: np.ndar
     joined = np.concatenate(segments, axis=1) if segments else np.zeros((k, 0), np.int64)
     return joined, [s.shape[1] for s in segments]
 
+
+# ----------------------------------------------------------------------------- continuation and in-fill (seed 003)
+
+
+def continue_audio(model: CodecLM, prompt: np.ndarray, frames: int, config: GenerateConfig, rollouts: int = 1,
+                   context_frames: int = 0, lang: int = 0, seed: int | None = None,
+                   stats: GenerateStats | None = None) -> tuple[np.ndarray, list[int]]:
+    """No text: ``rollouts`` times, continue the tape by ``frames`` frames from its last ``context_frames``.
+
+    Returns the tape (the prompt, then every continuation; (K, P + rollouts * frames)) and the frames
+    of each part. The stop token is banned until ``frames`` (a continuation has no natural end).
+    """
+    if frames < 1 or rollouts < 1:
+        raise InputError("continuation needs frames >= 1 and rollouts >= 1")
+    fixed = replace(config, max_frames=frames, min_frames=frames)
+    tape, parts = np.asarray(prompt, np.int64), [int(prompt.shape[1])]
+    for r in range(rollouts):
+        context = tape[:, -context_frames:] if context_frames > 0 else tape
+        request = Request(text=np.zeros(0, np.int64), prompt=context, lang=lang, duration=frames)
+        (codes,) = synthesize(model, [request], fixed, seed=None if seed is None else seed + r, stats=stats)
+        tape = np.concatenate([tape, codes], axis=1)
+        parts.append(int(codes.shape[1]))
+    return tape, parts
+
+
+def infill(model: CodecLM, prefix: np.ndarray, suffix: np.ndarray, config: GenerateConfig,
+           frames: int | None = None, lang: int = 0, seed: int | None = None,
+           stats: GenerateStats | None = None) -> tuple[np.ndarray, list[int]]:
+    """No text: the middle between ``prefix`` and ``suffix`` (prefix-suffix-middle order).
+
+    AR + NAR ends the middle at the stop token (``frames`` forces a length, as NAR-len's duration).
+    Returns prefix + middle + suffix and the frames of the three parts.
+    """
+    prompt = np.concatenate([prefix, suffix], axis=1).astype(np.int64)
+    if frames is not None:
+        config = replace(config, max_frames=frames, min_frames=frames)
+    request = Request(text=np.zeros(0, np.int64), prompt=prompt, lang=lang, duration=frames,
+                      prompt_split=int(prefix.shape[1]))
+    (middle,) = synthesize(model, [request], config, seed=seed, stats=stats)
+    return (np.concatenate([prefix, middle, suffix], axis=1),
+            [int(prefix.shape[1]), int(middle.shape[1]), int(suffix.shape[1])])

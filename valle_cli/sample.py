@@ -26,7 +26,15 @@ from valle_cli import checkpoint as ckpt
 from valle_cli import formats
 from valle_cli.codecs import check_same_codec, codec_from_spec, describe
 from valle_cli.errors import InputError
-from valle_cli.generate import GenerateConfig, GenerateStats, Request, synthesize, synthesize_long
+from valle_cli.generate import (
+    GenerateConfig,
+    GenerateStats,
+    Request,
+    continue_audio,
+    infill,
+    synthesize,
+    synthesize_long,
+)
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+(?=\S)")
 
@@ -145,6 +153,31 @@ class Sampler:
         requests = [Request(self.text_tokens(t), p, lang) for t, p in zip(texts, prompts, strict=True)]
         with self.autocast():
             return [self.to_codes(c) for c in synthesize(self.model, requests, config, seed, stats)]
+
+    def continuation(self, prompts: list[Any], seconds: float, config: GenerateConfig, rollouts: int = 1,
+                     context_seconds: float | None = None, lang: int = 0, seed: int | None = None,
+                     stats: GenerateStats | None = None) -> formats.Codes:
+        """The prompt audio continued by ``seconds``, ``rollouts`` times, on one tape (segments: prompt, parts)."""
+        prompt = self.prompt_codes(prompts, None)
+        context = self.default_window_seconds() if context_seconds is None else context_seconds
+        frames = max(1, int(round(seconds * self.frame_rate)))
+        with self.autocast():
+            tape, parts = continue_audio(self.model, prompt, frames, config, rollouts,
+                                         int(round(context * self.frame_rate)), lang, seed, stats)
+        return self.to_codes(tape, parts)
+
+    def infill(self, prefix: list[Any], suffix: list[Any], config: GenerateConfig, seconds: float | None = None,
+               lang: int = 0, seed: int | None = None, stats: GenerateStats | None = None) -> formats.Codes:
+        """prefix + a generated middle + suffix (segments: the three lengths)."""
+        before, after = self.prompt_codes(prefix, None), self.prompt_codes(suffix, None)
+        frames = None if seconds is None else max(1, int(round(seconds * self.frame_rate)))
+        with self.autocast():
+            tape, parts = infill(self.model, before, after, config, frames, lang, seed, stats)
+        return self.to_codes(tape, parts)
+
+    def default_window_seconds(self) -> float:
+        """Context of a continuation: half the training window (the model saw prompts of 25-75 % of it)."""
+        return float(self.meta.get("train", {}).get("window_seconds", 10.0)) / 2
 
     def autocast(self) -> Any:
         import contextlib

@@ -51,6 +51,8 @@ REASONS = (MISSING_CODES, MISSING_TEXT, TOO_SHORT, TOO_LONG, TEXT_TOO_LONG)
 # EnCodec and DAC specs do not record their codebook size; both use 1024 entries per codebook.
 _KNOWN_CODEBOOK_SIZES = {"encodec": 1024, "dac": 1024}
 _EXAMPLES = 5  # ids kept per filter reason, for messages
+# The tokenizer of a text-less shard set (no phonemes input): one id that no record uses.
+NO_TEXT_TOKENIZER = {"kind": "none", "vocab_size": 1, "specials": {}}
 
 
 @dataclass(frozen=True)
@@ -288,7 +290,11 @@ def plan_shards(codes: Sequence[str | os.PathLike[str]], phonemes: Sequence[str 
     _check_options(options)
     report = ShardReport(out=Path(out))
     codes_df, codec = read_codes_folders(codes)
-    text_df, tokenizer, text_settings = read_phonemes_files(phonemes)
+    if phonemes:
+        text_df, tokenizer, text_settings = read_phonemes_files(phonemes)
+    else:  # audio only (continuation / in-fill training): every utterance has an empty text
+        text_df = codes_df.select("id", tokens=pl.lit([], dtype=pl.List(pl.UInt16)))
+        tokenizer, text_settings = dict(NO_TEXT_TOKENIZER), {}
 
     # Join by id. Ids in one input only are counted per input and per filter reason.
     only_codes = codes_df.join(text_df, on="id", how="anti")
@@ -302,7 +308,7 @@ def plan_shards(codes: Sequence[str | os.PathLike[str]], phonemes: Sequence[str 
                          npz_exists=pl.Series([os.path.isfile(p) for p in df["path"]], dtype=pl.Boolean))
 
     reason = (pl.when(~pl.col("npz_exists")).then(pl.lit(MISSING_CODES))
-              .when(pl.col("text_len") == 0).then(pl.lit(MISSING_TEXT))
+              .when((pl.col("text_len") == 0) & bool(phonemes)).then(pl.lit(MISSING_TEXT))
               .when(pl.col("seconds") < options.min_seconds).then(pl.lit(TOO_SHORT))
               .when(pl.col("seconds") > options.max_seconds).then(pl.lit(TOO_LONG))
               .when(pl.col("text_len") > options.max_text_tokens).then(pl.lit(TEXT_TOO_LONG)))

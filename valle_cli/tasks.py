@@ -13,6 +13,11 @@ For every utterance of a batch ``draw_examples`` picks (seed 000 "Tasks", refere
 * CFG-aware dropout: with ``cond_dropout_p`` both text and prompt are dropped (the null condition
   of classifier-free guidance), with ``prompt_dropout_p`` the prompt alone.
 
+Audio continuation and in-fill (seed 003; ``window_examples``) use the same tasks on windows of
+audio without text: continuation splits a window into a prompt (the past) and a response (what
+follows); in-fill takes prefix + SEP + suffix as the prompt and the middle as the response (the
+prefix-suffix-middle order of code in-filling), so the AR learns where the middle must stop.
+
 ``collate`` lays the examples out as one padded batch of numpy arrays (``SequenceBatch``); the
 model (``model/valle.py``) embeds them. Randomness comes from the generator passed in, which the
 trainer derives from (seed, step, rank): a resumed run draws exactly the same tasks.
@@ -29,7 +34,7 @@ import numpy as np
 from valle_cli.errors import InputError
 
 # Segment kinds, one per position of a sequence (0 = padding).
-PAD, TEXT, LANG, TASK, PROMPT, RESPONSE = 0, 1, 2, 3, 4, 5
+PAD, TEXT, LANG, TASK, PROMPT, RESPONSE, SEP = 0, 1, 2, 3, 4, 5, 6  # SEP: between in-fill prefix and suffix
 IGNORE = -100  # target of positions without a loss
 KINDS = ("ar", "nar", "mask")
 
@@ -69,6 +74,7 @@ class Example:
     level: int  # target codebook level (0 for ar and mask)
     lang: int = 0
     mask: np.ndarray | None = None  # (T,) bool: masked frames of a "mask" example
+    prompt_split: int = -1  # in-fill: a SEP goes before prompt frame prompt_split (prefix | suffix); -1 = none
 
 
 @dataclass
@@ -150,8 +156,7 @@ def draw_examples(records: list[tuple[np.ndarray, np.ndarray]], prompts: list[np
     lo, hi = config.prompt_seconds
     examples = []
     for (text, codes), source in zip(records, prompts, strict=True):
-        level = int(rng.choice(k, p=p_levels))
-        kind = "nar" if level else ("mask" if rng.random() < masked_p else "ar")
+        kind, level = draw_task(rng, p_levels, masked_p)
         u = rng.random()
         drop_text = u < config.cond_dropout_p
         drop_prompt = u < config.cond_dropout_p + config.prompt_dropout_p
@@ -159,23 +164,69 @@ def draw_examples(records: list[tuple[np.ndarray, np.ndarray]], prompts: list[np
         if source is not None and not drop_prompt:
             frames = max(1, int(round(rng.uniform(lo, hi) * frame_rate)))
             prompt = crop(np.asarray(source, dtype=np.int64), frames, rng)
-        mask = None
-        if kind == "mask":
-            t = codes.shape[1]
-            n_masked = max(1, int(round(config.mask_ratio * t)))
-            mask = np.zeros(t, dtype=bool)
-            mask[rng.choice(t, size=min(n_masked, t), replace=False)] = True
         examples.append(Example(
             text=np.zeros(0, dtype=np.int64) if drop_text else np.asarray(text, dtype=np.int64),
             prompt=prompt, codes=np.asarray(codes, dtype=np.int64), kind=kind, level=level, lang=config.lang,
-            mask=mask,
+            mask=draw_mask(rng, codes.shape[1], config.mask_ratio) if kind == "mask" else None,
         ))
     return examples
 
 
+def draw_task(rng: np.random.Generator, p_levels: np.ndarray, masked_p: float) -> tuple[str, int]:
+    """(kind, level): a level from p_levels; level 0 is "mask" with probability masked_p, else "ar"."""
+    level = int(rng.choice(len(p_levels), p=p_levels))
+    return ("nar" if level else ("mask" if rng.random() < masked_p else "ar")), level
+
+
+def draw_mask(rng: np.random.Generator, frames: int, ratio: float) -> np.ndarray:
+    """(T,) bool: round(ratio * T) (at least one) frames masked, chosen uniformly."""
+    mask = np.zeros(frames, dtype=bool)
+    if frames:
+        mask[rng.choice(frames, size=min(max(1, int(round(ratio * frames))), frames), replace=False)] = True
+    return mask
+
+
+def window_examples(windows: list[np.ndarray], rng: np.random.Generator, config: TaskConfig, infill_p: float,
+                    capabilities: tuple[str, ...] = ("ar", "nar", "len")) -> list[Example]:
+    """Text-less examples from (K, W) windows of audio: continuation, or in-fill with probability infill_p.
+
+    Continuation: the first 25-75 % of the window is the prompt, the rest the response. In-fill: a
+    middle of 10-50 % of the window is the response; the prompt is prefix + SEP + suffix.
+    A window of fewer than 4 frames is all response (nothing to condition on).
+    """
+    if not windows:
+        return []
+    k = windows[0].shape[0]
+    p_levels = level_probabilities(config.levels, k, capabilities)
+    masked_p = 1.0 if "ar" not in capabilities else (config.masked_p if "len" in capabilities else 0.0)
+    examples = []
+    for window in windows:
+        window = np.asarray(window, dtype=np.int64)
+        w = window.shape[1]
+        kind, level = draw_task(rng, p_levels, masked_p)
+        split = -1
+        if w < 4:
+            prompt, codes = window[:, :0], window
+        elif rng.random() < infill_p:
+            middle = max(1, int(round(rng.uniform(0.1, 0.5) * w)))
+            a = int(rng.integers(1, w - middle)) if w - middle > 1 else 1
+            prompt = np.concatenate([window[:, :a], window[:, a + middle:]], axis=1)
+            codes, split = window[:, a:a + middle], a
+        else:
+            p = int(round(rng.uniform(0.25, 0.75) * w))
+            prompt, codes = window[:, :p], window[:, p:]
+        if rng.random() < config.cond_dropout_p:  # the null condition of CFG: no prompt at all
+            prompt, split = window[:, :0], -1
+        examples.append(Example(text=np.zeros(0, np.int64), prompt=prompt, codes=codes, kind=kind, level=level,
+                                lang=config.lang, prompt_split=split,
+                                mask=draw_mask(rng, codes.shape[1], config.mask_ratio) if kind == "mask" else None))
+    return examples
+
+
 def sequence_length(example: Example) -> int:
-    """Positions of an example: text, lang, task, prompt, response (+1 start position for AR)."""
-    return len(example.text) + 2 + example.prompt.shape[1] + example.codes.shape[1] + (example.kind == "ar")
+    """Positions of an example: text, lang, task, prompt (+ SEP), response (+1 start position for AR)."""
+    return (len(example.text) + 2 + example.prompt.shape[1] + (example.prompt_split >= 0) + example.codes.shape[1]
+            + (example.kind == "ar"))
 
 
 def collate(examples: list[Example], codebook_size: int, unified_positions: bool = False) -> SequenceBatch:
@@ -203,7 +254,9 @@ def collate(examples: list[Example], codebook_size: int, unified_positions: bool
     for row, e in enumerate(examples):
         if e.codes.shape[0] != k or e.prompt.shape[0] != k:
             raise InputError(f"batch mixes codebook counts ({e.codes.shape[0]} vs {k})")
-        n_text, n_prompt, n_frames = len(e.text), e.prompt.shape[1], e.codes.shape[1]
+        n_text, n_frames = len(e.text), e.codes.shape[1]
+        has_sep = e.prompt_split >= 0
+        n_prompt = e.prompt.shape[1] + has_sep
         n_resp = n_frames + (e.kind == "ar")
         bounds = np.cumsum([0, n_text, 1, 1, n_prompt, n_resp])  # segment starts, and the end
         kinds = (TEXT, LANG, TASK, PROMPT, RESPONSE)
@@ -213,7 +266,13 @@ def collate(examples: list[Example], codebook_size: int, unified_positions: bool
                                                  else np.arange(stop_at - start))
         t0, p0, r0 = bounds[0], bounds[3], bounds[4]
         out.text[row, t0:t0 + n_text] = e.text
-        out.prompt[row, :, p0:p0 + n_prompt] = e.prompt
+        if has_sep:  # prefix, SEP, suffix
+            cut = e.prompt_split
+            out.prompt[row, :, p0:p0 + cut] = e.prompt[:, :cut]
+            out.prompt[row, :, p0 + cut + 1:p0 + n_prompt] = e.prompt[:, cut:]
+            out.segment[row, p0 + cut] = SEP
+        else:
+            out.prompt[row, :, p0:p0 + n_prompt] = e.prompt
         out.lang[row], out.level[row] = e.lang, e.level
         out.task[row] = task_token(e.kind, e.level, k)
         if e.kind == "ar":

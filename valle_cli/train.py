@@ -16,6 +16,10 @@
    ``eval_every`` the validation split; every ``save_every`` (and at the end, and on Ctrl-C) a
    checkpoint with the whole train state (``checkpoint.py``).
 
+``task="continuation"`` trains the same model on windows of audio without text (seed 003): windows
+drawn by chunk priority, each a continuation (past -> future) or an in-fill (prefix + suffix ->
+middle) example.
+
 Resume restores weights, optimizer, scheduler, sampler position and torch RNG: the resumed run
 produces the same losses as an uninterrupted one. Several devices: ``torchrun --nproc_per_node N
 -m valle_cli train ...`` (DDP; every rank reads distinct batches; rank 0 logs and saves).
@@ -79,6 +83,11 @@ class TrainConfig:
     weighted: bool = True  # sample by the index's weight column (when it is not all 1)
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen model
     lora_alpha: float = 16.0
+    task: str = "tts"  # tts (text + prompt -> speech) | continuation (audio windows, no text; seed 003)
+    window_seconds: float = 10.0  # continuation: window length
+    windows_per_batch: int = 8  # continuation: windows per micro-batch per device
+    infill_p: float = 0.3  # continuation: share of windows trained as in-fill (prefix, suffix -> middle)
+    chunks: str = ""  # continuation: a score-chunks parquet; windows are drawn by chunk priority (else uniform)
 
     def __post_init__(self) -> None:
         problems = []
@@ -90,6 +99,10 @@ class TrainConfig:
             problems.append(f"precision {self.precision!r} (expected auto, bf16 or fp32)")
         if self.lr <= 0:
             problems.append(f"lr {self.lr} must be > 0")
+        if self.task not in ("tts", "continuation"):
+            problems.append(f"task {self.task!r} (expected tts or continuation)")
+        if self.window_seconds <= 0 or self.windows_per_batch < 1 or not 0 <= self.infill_p <= 1:
+            problems.append("window_seconds > 0, windows_per_batch >= 1 and 0 <= infill_p <= 1 are needed")
         if problems:
             raise InputError("train config: " + "; ".join(problems))
 
@@ -184,6 +197,48 @@ def make_batch(data: Any, rows: list[int], rng: np.random.Generator, task_config
         candidates = data.prompt_candidates(row)
         prompts.append(data.record(int(rng.choice(candidates)))[1] if len(candidates) else None)
     examples = tasks.draw_examples(records, prompts, rng, task_config, data.frame_rate, model_config.capabilities)
+    return tasks.collate(examples, model_config.codebook_size, model_config.unified_positions)
+
+
+def window_sampler(data: Any, config: TrainConfig, dist: Distributed, seed_offset: int = 0) -> Any:
+    """Continuation windows over a ShardSet split, drawn by chunk priority (``config.chunks``) or uniformly."""
+    import polars as pl
+
+    from valle_cli import formats
+    from valle_cli.codecs import check_same_codec
+    from valle_cli.sampler import PriorityWindowSampler
+
+    index = data.index
+    frames = index["frames"].to_numpy()
+    window = max(1, int(round(config.window_seconds * data.frame_rate)))
+    if config.chunks:
+        df, _ = formats.read_chunk_scores(config.chunks)
+        for text in df["codec"].unique().to_list():
+            check_same_codec(data.codec, json.loads(text), f"chunk scores {config.chunks}")
+        rows = pl.DataFrame({"id": index["id"], "row": np.arange(len(index))})
+        df = df.join(rows, on="id", how="inner")
+        if df.is_empty():
+            raise InputError(f"{config.chunks}: no chunk belongs to an utterance of these shards")
+        item, start, length = df["row"].to_numpy(), df["frame_start"].to_numpy(), df["frame_len"].to_numpy()
+        priority, void = df["priority"].to_numpy().astype(np.float64), df["void"].to_numpy()
+    else:  # one-second chunks of equal priority: uniform windows
+        size = max(1, int(round(data.frame_rate)))
+        counts = -(-frames // size)
+        item = np.repeat(np.arange(len(frames)), counts)
+        start = np.concatenate([np.arange(c) * size for c in counts])
+        length = np.minimum(size, frames[item] - start)
+        priority, void = np.ones(len(item)), None
+    return PriorityWindowSampler(item, start, length, np.clip(priority, 0, None), frames, window,
+                                 config.windows_per_batch, void=void, placement="random",
+                                 seed=config.seed + seed_offset, rank=dist.rank, world_size=dist.world_size)
+
+
+def make_window_batch(data: Any, windows: list[tuple[int, int, int]], rng: np.random.Generator,
+                      task_config: tasks.TaskConfig, train_config: TrainConfig,
+                      model_config: ModelConfig) -> tasks.SequenceBatch:
+    """(row, start, length) windows of a ShardSet -> a laid-out batch of continuation / in-fill examples."""
+    cuts = [np.asarray(data.record(row)[1][:, start:start + length]) for row, start, length in windows]
+    examples = tasks.window_examples(cuts, rng, task_config, train_config.infill_p, model_config.capabilities)
     return tasks.collate(examples, model_config.codebook_size, model_config.unified_positions)
 
 
@@ -414,16 +469,25 @@ def evaluate(model: Any, data: Any, task_config: tasks.TaskConfig, model_config:
 
     if len(data) == 0:
         return None
-    costs = sequence_costs(data.index, task_config, data.frame_rate)
-    sampler = TokenBudgetBatchSampler(costs, max(train_config.batch_tokens, int(costs.max())), shuffle=False,
-                                      n_buckets=train_config.n_buckets, seed=train_config.seed)
+    if train_config.task == "continuation":
+        sampler: Any = iter(window_sampler(data, replace(train_config, chunks=""), Distributed(), seed_offset=1))
+
+        def lay_out(rows: Any, rng: np.random.Generator) -> tasks.SequenceBatch:
+            return make_window_batch(data, rows, rng, task_config, train_config, model_config)
+    else:
+        costs = sequence_costs(data.index, task_config, data.frame_rate)
+        sampler = TokenBudgetBatchSampler(costs, max(train_config.batch_tokens, int(costs.max())), shuffle=False,
+                                          n_buckets=train_config.n_buckets, seed=train_config.seed)
+
+        def lay_out(rows: Any, rng: np.random.Generator) -> tasks.SequenceBatch:
+            return make_batch(data, rows, rng, task_config, model_config)
     meter, total, tokens = TaskMeter(), 0.0, 0
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for i, rows in zip(range(train_config.eval_batches), sampler, strict=False):
             rng = np.random.default_rng([train_config.seed, 2**31 - 1, i])
-            batch = Batch.from_numpy(make_batch(data, rows, rng, task_config, model_config), device)
+            batch = Batch.from_numpy(lay_out(rows, rng), device)
             with torch.autocast(device.split(":")[0], dtype=dtype or torch.float32, enabled=dtype is not None):
                 out = model(batch)
             meter.add(out.stats)
@@ -480,14 +544,17 @@ def train(shards: str | os.PathLike[str], out: str | os.PathLike[str], model_con
         raise TrainingError(f"{shards}: no training utterances (all of them are in the validation split)")
     model_config = override(model_config, n_codebooks=data.n_codebooks, codebook_size=data.codebook_size,
                             text_vocab_size=data.text_vocab_size)
-    costs = sequence_costs(train_data.index, task_config, data.frame_rate)
-    weights = train_data.index["weight"].to_numpy()
-    use_weights = train_config.weighted and not np.allclose(weights, 1.0)
-    sampler = TokenBudgetBatchSampler(
-        costs, train_config.batch_tokens, weights=weights if use_weights else None,
-        n_buckets=train_config.n_buckets, max_batch_size=train_config.max_batch_size or None,
-        seed=train_config.seed, rank=dist.rank, world_size=dist.world_size, oversize="single",
-    )
+    if train_config.task == "continuation":
+        sampler: Any = window_sampler(train_data, train_config, dist)
+    else:
+        costs = sequence_costs(train_data.index, task_config, data.frame_rate)
+        weights = train_data.index["weight"].to_numpy()
+        use_weights = train_config.weighted and not np.allclose(weights, 1.0)
+        sampler = TokenBudgetBatchSampler(
+            costs, train_config.batch_tokens, weights=weights if use_weights else None,
+            n_buckets=train_config.n_buckets, max_batch_size=train_config.max_batch_size or None,
+            seed=train_config.seed, rank=dist.rank, world_size=dist.world_size, oversize="single",
+        )
 
     # 2. model and optimizer
     torch.manual_seed(train_config.seed)
@@ -533,7 +600,10 @@ def train(shards: str | os.PathLike[str], out: str | os.PathLike[str], model_con
         train_model = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
                                               find_unused_parameters=True)
     if train_config.compile:
-        train_model = torch.compile(train_model, dynamic=True)
+        # Only the backbone: the embeddings and heads branch on which tasks a batch holds, and a
+        # compiled whole model would recompile for every new combination. Compiling the forward
+        # method (not wrapping the module) keeps the parameter names, so checkpoints do not change.
+        model.backbone.forward = torch.compile(model.backbone.forward, dynamic=True)
 
     def produce() -> Iterator[Any]:
         batches = sampler.batches()
@@ -543,7 +613,11 @@ def train(shards: str | os.PathLike[str], out: str | os.PathLike[str], model_con
                 rows = next(batches)
                 state = sampler.state_dict()
                 rng = np.random.default_rng([train_config.seed, s, micro, dist.rank])
-                yield s, micro, make_batch(train_data, rows, rng, task_config, model_config), state
+                if train_config.task == "continuation":
+                    laid_out = make_window_batch(train_data, rows, rng, task_config, train_config, model_config)
+                else:
+                    laid_out = make_batch(train_data, rows, rng, task_config, model_config)
+                yield s, micro, laid_out, state
             s += 1
 
     def save(at_step: int, sampler_state: dict[str, Any]) -> Path:

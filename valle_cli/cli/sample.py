@@ -27,6 +27,9 @@ The prompt is audio (encoded with the model's codec) or codes (.npz from the sam
 generated one by one, each prompted by the reference and the previous --context-history outputs,
 and all of them are joined (the npz also lists the frames of each sentence). --manifest rows.csv
 (id|text|prompt, '+' joins prompts) writes one npz per row into the -o folder, in batches.
+Without text (a model trained with --task continuation): --continue-seconds S continues the
+prompt audio by S seconds (--rollouts N times, each from the tape's last --context-seconds), and
+--infill-suffix B generates the middle between the --prompt and B; the npz holds the whole tape.
 
 --mode ar+nar: level 0 autoregressively (KV cache; until the stop token or --max-seconds), then
 one NAR pass per further level. --mode nar-len: the duration from the len head (--duration to
@@ -63,6 +66,13 @@ def command(
     context_history: Annotated[int, typer.Option(min=0, help="Long-form: earlier sentences in the prompt.")] = 1,
     lang: Annotated[int, typer.Option(help="Language id.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Manifest rows generated together.")] = 8,
+    continue_seconds: Annotated[float | None, typer.Option(help="No text: continue the prompt audio by this "
+                                                           "many seconds.")] = None,
+    rollouts: Annotated[int, typer.Option(min=1, help="Continuation: iterations, each continuing the tape.")] = 1,
+    context_seconds: Annotated[float | None, typer.Option(help="Continuation: seconds of the tape each rollout "
+                                                          "sees (default: half the training window).")] = None,
+    infill_suffix: Annotated[list[Path] | None, typer.Option(help="No text: generate the middle between the "
+                                                             "--prompt (prefix) and this audio (suffix).")] = None,
     best: Annotated[bool, typer.Option("--best", help="Use the run's best checkpoint, not its last.")] = False,
     seed: Annotated[int | None, typer.Option("--seed", help="Reproducible sampling.")] = None,
     overwrite: Overwrite = False,
@@ -78,7 +88,14 @@ def command(
     from valle_cli.sample import Sampler
 
     config = generate_config(ctx.args, mode.value, max_seconds, steps)
-    if manifest is None and (text is None or not prompt):
+    audio_only = continue_seconds is not None or bool(infill_suffix)
+    if audio_only and (text is not None or manifest is not None):
+        raise InputError("--continue-seconds / --infill-suffix take no --text or --manifest")
+    if continue_seconds is not None and infill_suffix:
+        raise InputError("choose one of --continue-seconds and --infill-suffix")
+    if audio_only and not prompt:
+        raise InputError("continuation and in-fill need --prompt (the audio to continue, or the in-fill prefix)")
+    if not audio_only and manifest is None and (text is None or not prompt):
         raise InputError("give --text and --prompt (or --manifest rows.csv for a batch)")
     if manifest is not None and (text is not None or prompt):
         raise InputError("--manifest takes its texts and prompts from the file: drop --text / --prompt")
@@ -96,6 +113,16 @@ def command(
         run_manifest(sampler, manifest, out, config, prompt_seconds, lang, batch_size, seed, overwrite, stats)
         return
     prompts: list[Any] = [formats.read_input_bytes("-") if str(p) == "-" else p for p in prompt]
+    if audio_only:
+        if continue_seconds is not None:
+            item = sampler.continuation(prompts, continue_seconds, config, rollouts, context_seconds, lang, seed,
+                                        stats)
+        else:
+            item = sampler.infill(prompts, list(infill_suffix), config, duration, lang, seed, stats)
+        formats.write_output_bytes(out, formats.codes_to_bytes(item))
+        parts = " + ".join(f"{n / sampler.frame_rate:.2f}" for n in item.extra["segments"])
+        Log.info(f"{parts} s of codes ({timing(stats)}) -> {formats.display_name(out)}")
+        return
     item = sampler.tts(text, prompts, config, prompt_seconds=prompt_seconds, context_history=context_history,
                        lang=lang, duration_seconds=duration, seed=seed, stats=stats)
     formats.write_output_bytes(out, formats.codes_to_bytes(item))

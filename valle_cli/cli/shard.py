@@ -24,6 +24,7 @@ utterances (at least one, from two utterances on), or whole speakers with --spli
 chosen by a hash of the id (or speaker) and --seed: the same split whatever the input order. The
 speaker is a 'speaker' column if an input has one, else the first --speaker-depth folders of the
 id. --chunks (valle score-chunks) weights each utterance by its mean chunk priority (default 1).
+--no-text shards codes alone (empty texts), for audio continuation and in-fill training.
 An output with an index.parquet is finished and skipped; --overwrite redoes it.
 """
 
@@ -45,13 +46,15 @@ SplitByOpt = Annotated[SplitBy, typer.Option(help="Hold out single utterances or
 SpeakerDepth = Annotated[int, typer.Option(min=0, help="Folders of the id that name the speaker.")]
 ShardMb = Annotated[float, typer.Option(help="Size of one shard's body (MiB).")]
 MaxPrompts = Annotated[int, typer.Option(min=0, help="Prompt candidates listed per utterance.")]
+NoText = Annotated[bool, typer.Option("--no-text", help="Audio only (no phonemes): for continuation / in-fill "
+                                      "training (valle train --task continuation).")]
 
 
 def command(inputs: Inputs, out: Out, chunks: Chunks = None, min_seconds: MinSeconds = 0.5,
             max_seconds: MaxSeconds = 30.0, max_text_tokens: MaxText = 512, val_fraction: ValFraction = 0.02,
             split_by: SplitByOpt = SplitBy.utterance, speaker_depth: SpeakerDepth = 1, shard_mb: ShardMb = 256.0,
-            max_prompts: MaxPrompts = 64, overwrite: Overwrite = False, seed: Seed = 0, quiet: Quiet = False,
-            verbose: Verbose = 0) -> None:
+            max_prompts: MaxPrompts = 64, no_text: NoText = False, overwrite: Overwrite = False, seed: Seed = 0,
+            quiet: Quiet = False, verbose: Verbose = 0) -> None:
     Log.configure(quiet, verbose)
     from valle_cli.errors import InputError
     from valle_cli.formats import MANIFEST_NAME
@@ -69,8 +72,11 @@ def command(inputs: Inputs, out: Out, chunks: Chunks = None, min_seconds: MinSec
             phonemes.append(path)
     if not codes:
         raise InputError("no codes folder among the inputs (make one with valle quantize audio/ -o codes/)")
-    if not phonemes:
-        raise InputError("no phonemes file among the inputs (make one with valle phonemize corpus/ -o ph.parquet)")
+    if not phonemes and not no_text:
+        raise InputError("no phonemes file among the inputs (make one with valle phonemize corpus/ -o ph.parquet, "
+                         "or pass --no-text for audio-only shards)")
+    if phonemes and no_text:
+        raise InputError("--no-text makes audio-only shards: drop the phonemes file(s)")
     options = ShardOptions(min_seconds=min_seconds, max_seconds=max_seconds, max_text_tokens=max_text_tokens,
                            val_fraction=val_fraction, split_by=split_by.value, speaker_depth=speaker_depth,
                            seed=seed or 0, shard_mb=shard_mb, max_prompts=max_prompts)

@@ -25,9 +25,17 @@ checkpoints/step-N/ (model.safetensors + config.json + train_state/), the last -
 plus the best by validation loss (named in run/best). --resume continues a run exactly where its
 last checkpoint left it (same batches, same losses); --init-from CKPT starts from other weights;
 --lora-rank R trains LoRA adapters on a frozen model (--merge-lora CKPT -o OUT folds them in).
+--task continuation trains on audio windows without text (drawn by --chunks priority): each
+window is a continuation (the past predicts the rest) or an in-fill (prefix + suffix predict the
+middle); sample them with valle sample --continue-seconds / --infill-suffix.
 Ctrl-C saves a checkpoint first. Several GPUs or nodes:
   torchrun --nproc_per_node 8 -m valle_cli train shards/ -o run/ ...
 """
+
+
+class Task(str, Enum):
+    tts = "tts"
+    continuation = "continuation"
 
 
 class Arch(str, Enum):
@@ -73,6 +81,10 @@ def command(
     config: Annotated[Path | None, typer.Option("--config", help="TOML with [model] [tasks] [train] tables.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="field=value of the model, tasks or train "
                                                    "config, e.g. --set n_layers=8 (repeatable).")] = None,
+    task: Annotated[Task | None, typer.Option(help="tts, or continuation: audio windows without text "
+                                              "(continuation and in-fill; valle shard --no-text).")] = None,
+    chunks: Annotated[Path | None, typer.Option(help="Continuation: draw windows by the priority of these chunk "
+                                                "scores (valle score-chunks).")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps in all (default 1000).")] = None,
     batch_tokens: Annotated[int | None, typer.Option(help="Padded tokens per micro-batch per device.")] = None,
     grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
@@ -121,7 +133,8 @@ def command(
                "warmup_steps": warmup_steps, "schedule": schedule.value if schedule else None, "clip": clip,
                "eval_every": eval_every, "save_every": save_every, "keep_last": keep_last, "log_every": log_every,
                "precision": precision.value if precision else None, "compile": True if compile_ else None,
-               "lora_rank": lora_rank, "lora_alpha": lora_alpha, "seed": seed},
+               "lora_rank": lora_rank, "lora_alpha": lora_alpha, "seed": seed,
+               "task": task.value if task else None, "chunks": str(chunks) if chunks else None},
     )
     from valle_cli.train import train
 

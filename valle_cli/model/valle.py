@@ -8,6 +8,7 @@ it out):
     lang       lang_emb(lang)
     task       task_emb(t): t = 0 AR, l = NAR level l, K = NAR-len (masked level 0)
     prompt     sum over levels k of prompt_emb[k](code_k)        (all K codebooks of the prompt)
+    sep        sep_emb: in-fill prompts are prefix, sep, suffix (continuation: just the past)
     response   AR:      resp_ar(c0)       (+ a start id = codebook_size at the first position)
                NAR l:   sum_{j<l} resp_nar[j](c_j)  with audio_embedding_sums, else resp_nar[l-1](c_{l-1})
                NAR-len: resp_mask(c0)     (masked frames carry the mask id = codebook_size)
@@ -91,6 +92,7 @@ class CodecLM(nn.Module):
         self.text_emb = nn.Embedding(config.text_vocab_size, d)
         self.lang_emb = nn.Embedding(config.n_langs, d)
         self.task_emb = nn.Embedding(k + 1, d)
+        self.sep_emb = nn.Parameter(torch.randn(d) * 0.02)  # in-fill: between the prefix and the suffix
         self.prompt_emb = nn.ModuleList(nn.Embedding(v, d) for _ in range(k))
         self.resp_ar = nn.Embedding(v + 1, d)  # + the start id
         self.resp_mask = nn.Embedding(v + 1, d)  # + the mask id
@@ -119,6 +121,7 @@ class CodecLM(nn.Module):
         x = where(seg == tasks.TEXT, self.text_emb(batch.text))  # (B, S, D)
         x = x + where(seg == tasks.LANG, self.lang_emb(batch.lang)[:, None].expand_as(x))
         x = x + where(seg == tasks.TASK, self.task_emb(batch.task)[:, None].expand_as(x))
+        x = x + where(seg == tasks.SEP, self.sep_emb.expand_as(x))
         is_prompt = seg == tasks.PROMPT
         for level in range(k):
             x = x + where(is_prompt, self.prompt_emb[level](batch.prompt[:, level]))
