@@ -10,7 +10,10 @@ For every requested arch (transformer, llama, mixtral) and preset this builds a 
 codebooks of 1024 codes, a text vocabulary of 256; mixtral with ``--moe-experts`` experts, top
 ``--moe-top-k``) and times full optimizer steps as ``valle train`` runs them: forward and backward
 under bf16 autocast on CUDA (fp32 on CPU), gradient clipping, an AdamW step (``train.build_optimizer``)
-and zero_grad. ``--warmup`` untimed steps come first (with ``--compile`` they include the compilation).
+and zero_grad. ``--warmup`` untimed steps come first. With ``--compile`` the compiled model also runs
+every timed batch once untimed before the timing (the warmup column then holds the compilation):
+dynamo specialises on the batch size and on the tasks present in a batch, so a new combination
+recompiles (up to its recompile limit, then that code runs eagerly, as it would in ``valle train``).
 
 The batches are synthetic but shaped like real ones: utterances of 3-10 s at 75 frames/s with ~14
 text tokens/s, a 3-6 s prompt cropped from another utterance, tasks drawn by ``tasks.draw_examples``
@@ -159,12 +162,15 @@ def bench(config: ModelConfig, batches: list[tasks.SequenceBatch], args: argpars
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    timed = on_device[args.warmup:]
+    # Compiled, every batch of the timed set goes through once untimed too: dynamo guards on the batch
+    # size (1 vs more) and on the tasks present, so new batches recompile; time the compiled graphs instead.
+    warmup = on_device[:args.warmup] + (timed if compiled else [])
     start = time.perf_counter()
-    for batch in on_device[:args.warmup]:
+    for batch in warmup:
         step(batch)
     synchronize(device)
     warmup_s = time.perf_counter() - start
-    timed = on_device[args.warmup:]
     start = time.perf_counter()
     for batch in timed:
         step(batch)
@@ -207,8 +213,8 @@ def main() -> None:
     parser.add_argument("--preset", action="append", choices=list(PRESETS),
                         help="repeatable (default: tiny, small on CPU; small, base, full on CUDA)")
     parser.add_argument("--batch-tokens", type=int, default=0, help="padded tokens per batch (0: 2000 CPU, 32768 CUDA)")
-    parser.add_argument("--steps", type=int, default=0, help="timed optimizer steps (0: 3 CPU, 20 CUDA)")
-    parser.add_argument("--warmup", type=int, default=-1, help="untimed steps first (-1: 1 CPU, 5 CUDA)")
+    parser.add_argument("--steps", type=int, default=0, help="timed optimizer steps (0: 5 CPU, 20 CUDA)")
+    parser.add_argument("--warmup", type=int, default=-1, help="untimed steps first (-1: 2 CPU, 5 CUDA)")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd model")
     parser.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS)
     parser.add_argument("--gradient-checkpointing", action="store_true")
@@ -217,14 +223,16 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="peak bf16 TFLOP/s of the GPU, for MFU (989: H100 / H200 dense)")
     args = parser.parse_args()
+    if args.steps < 0 or args.batch_tokens < 0:
+        parser.error("--steps and --batch-tokens must be positive")
     started = time.perf_counter()
     args.device = resolve_device(args.device)
     cuda = args.device.startswith("cuda")
     archs = args.arch or list(ARCHES)
     presets = args.preset or (["small", "base", "full"] if cuda else ["tiny", "small"])
     args.batch_tokens = args.batch_tokens or (32768 if cuda else 2000)
-    args.steps = args.steps or (20 if cuda else 3)
-    args.warmup = args.warmup if args.warmup >= 0 else (5 if cuda else 1)
+    args.steps = args.steps or (20 if cuda else 5)
+    args.warmup = args.warmup if args.warmup >= 0 else (5 if cuda else 2)
 
     precision = autocast_dtype("auto", args.device) or torch.float32
     label = torch.cuda.get_device_name(args.device) if cuda else f"cpu, {torch.get_num_threads()} threads"

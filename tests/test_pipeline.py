@@ -117,8 +117,8 @@ def test_bad_sample_inputs(run, espeak_corpus, tmp_path):
 def test_audio_continuation_and_infill_pipeline(run, tmp_path):
     """score-chunks -> shard --no-text -> train --task continuation --chunks -> sample --continue / --infill."""
     ok(run_valle("score-chunks", run / "codes", "-o", tmp_path / "chunks.parquet", "-q"))
-    ok(run_valle("shard", run / "codes", "--no-text", "-o", tmp_path / "shards", "--chunks", tmp_path / "chunks.parquet",
-                 "-q"))
+    ok(run_valle("shard", run / "codes", "--no-text", "-o", tmp_path / "shards", "--chunks",
+                 tmp_path / "chunks.parquet", "-q"))
     ok(run_valle("train", tmp_path / "shards", "-o", tmp_path / "run", "--task", "continuation", "--chunks",
                  tmp_path / "chunks.parquet", "--set", "window_seconds=1.0", "--set", "windows_per_batch=3",
                  *TRAIN))
