@@ -134,15 +134,18 @@ def test_cached_decoding_equals_recomputing_token_for_token(arch):
 @pytest.mark.parametrize("arch", ["transformer", "llama"])
 def test_a_batch_gives_what_each_row_gives_alone(arch):
     model = model_for(arch)
-    with torch.no_grad():
-        model.head_ar.bias[V] = {"transformer": 0.2, "llama": 0.2}[arch]  # rows stop at different times
     reqs = [request(0), request(1, text=3, prompt=0), request(2, text=9, prompt=12)]
     cfg = replace(GREEDY, max_frames=25)
-    together = synthesize(model, reqs, cfg)
-    for r, got in zip(reqs, together, strict=True):
-        (alone,) = synthesize(model, [r], cfg)
-        assert np.array_equal(alone, got)
-    assert len({c.shape[1] for c in together}) > 1  # the rows really ended apart
+    ended_apart = False
+    for bias in (0.0, 0.1, 0.2, 0.3, 0.45, 0.6):  # a stop bias at which the rows end at different times
+        with torch.no_grad():
+            model.head_ar.bias[V] = bias
+        together = synthesize(model, reqs, cfg)
+        for r, got in zip(reqs, together, strict=True):
+            (alone,) = synthesize(model, [r], cfg)
+            assert np.array_equal(alone, got), bias
+        ended_apart |= len({c.shape[1] for c in together}) > 1
+    assert ended_apart  # finished rows really stopped while others went on
 
 
 def test_cfg_runs_and_changes_the_output():
@@ -228,3 +231,16 @@ def test_infill_keeps_prefix_and_suffix_around_the_middle():
     assert parts == [7, 4, 5] and np.array_equal(tape[:, :7], prefix) and np.array_equal(tape[:, -5:], suffix)
     free, parts = infill(model, prefix, suffix, replace(GREEDY, max_frames=9))
     assert 1 <= parts[1] <= 9
+
+
+@pytest.mark.slow
+def test_compiled_one_step_function_gives_the_eager_tokens():
+    model = model_for()
+    with torch.no_grad():
+        model.head_ar.bias[V] = -100.0
+    reqs = [request(0), request(1, text=3, prompt=5)]
+    eager = generate_ar(model, reqs, replace(GREEDY, max_frames=8))
+    compiled = generate_ar(model, reqs, replace(GREEDY, max_frames=8, compile=True))
+    assert all(np.array_equal(a, b) for a, b in zip(eager, compiled, strict=True))
+    with pytest.raises(InputError, match="--compile needs --arch transformer"):
+        generate_ar(model_for("llama"), reqs, replace(GREEDY, compile=True))

@@ -201,7 +201,7 @@ def test_the_three_backbones_train_on_the_same_batch():
         first = None
         for _ in range(15):
             loss = model(b).loss
-            first = first if first is not None else float(loss)
+            first = first if first is not None else float(loss.detach())
             opt.zero_grad()
             loss.backward()
             opt.step()

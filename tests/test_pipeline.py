@@ -131,6 +131,15 @@ def test_audio_continuation_and_infill_pipeline(run, tmp_path):
     assert tape.extra["segments"].tolist() == [original.shape[1], 15, 15]
     assert np.array_equal(tape.codes[:, :original.shape[1]], original)
     ok(run_valle("decode", "-", "-o", tmp_path / "tape.wav", input=res.stdout))
+    res = run_valle("sample", tmp_path / "run", "--prompt", prompt, "--continue-seconds", "0.2", "--chunks",
+                    tmp_path / "chunks.parquet", "--context-seconds", "0.5", "-o", "-", "--device", "cpu")
+    ok(res)
+    picked = formats.codes_from_bytes(res.stdout)
+    head = int(picked.extra["segments"][0])
+    assert 1 <= head <= 38  # the window that ends with the top-priority chunk, not the whole prompt
+    start = next(i for i in range(original.shape[1] - head + 1)
+                 if np.array_equal(original[:, i:i + head], picked.codes[:, :head]))
+    assert start >= 0
     res = run_valle("sample", tmp_path / "run", "--prompt", prompt, "--infill-suffix", prompt, "--duration", "0.1",
                     "-o", tmp_path / "infill.npz", "--device", "cpu")
     ok(res)

@@ -64,6 +64,7 @@ class GenerateConfig:
     duration_padding: float = 1.0  # NAR-len: predicted length times this
     sync_every: int = 16  # AR: check for all-finished rows every N steps (one host sync)
     use_cache: bool = True  # False: recompute the whole sequence every AR step (the anchor's way; benchmarks)
+    compile: bool = False  # torch.compile the one-frame AR step (native transformer with its static cache)
 
 
 @dataclass
@@ -181,6 +182,30 @@ def _response_hidden(model: CodecLM, batch: Batch) -> Tensor:
 # ----------------------------------------------------------------------------- AR (level 0)
 
 
+def step_function(model: CodecLM, compile: bool) -> Callable[..., Tensor]:
+    """``step(x (B, 1, D), positions (B, 1), mask (B, 1, 1, S), cache) -> hidden (B, 1, D)``, compiled once per model.
+
+    Compiling needs the native backbone (its static cache is plain tensors; the HF caches are not
+    traceable objects). The cache is an argument, not a closure, so its length stays symbolic and
+    one compiled graph serves every step (dynamic shapes).
+    """
+    backbone = model.backbone
+
+    def step(x: Tensor, positions: Tensor, mask: Tensor, cache: Any) -> Tensor:
+        return backbone(x, positions, mask, cache=cache).hidden
+
+    if not compile:
+        return step
+    if model.config.arch != "transformer":
+        raise InputError(f"--compile needs --arch transformer (the {model.config.arch} backbone's cache is not "
+                         "compilable); sample without --compile")
+    compiled = getattr(model, "_compiled_step", None)
+    if compiled is None:
+        compiled = torch.compile(step, dynamic=True)
+        model._compiled_step = compiled  # type: ignore[attr-defined]  # built once, reused by every call
+    return compiled
+
+
 @torch.no_grad()
 def generate_ar(model: CodecLM, requests: list[Request], config: GenerateConfig,
                 generator: torch.Generator | None = None, stats: GenerateStats | None = None) -> list[np.ndarray]:
@@ -205,6 +230,7 @@ def generate_ar(model: CodecLM, requests: list[Request], config: GenerateConfig,
     next_position = batch.positions.gather(1, last[:, None]).squeeze(1) + 1  # (B,)
     x = model.embed(batch)  # (B, S0, D)
     backbone = model.backbone
+    step_fn = step_function(model, config.compile and config.use_cache)
     mask = prefix_bidirectional_mask(valid_prefix, batch.bidir_start)
     if config.use_cache:
         cache = backbone.new_cache(b, total, device, x.dtype)
@@ -239,7 +265,7 @@ def generate_ar(model: CodecLM, requests: list[Request], config: GenerateConfig,
         positions = next_position[:, None]
         if cache is not None:
             step_mask = decode_step_mask(valid[:, :s0 + t + 1], 1)
-            h = backbone(x_step, positions, step_mask, cache=cache).hidden[:, 0]
+            h = step_fn(x_step, positions, step_mask, cache)[:, 0]
         else:  # recompute everything, as the anchor does
             seq_x, seq_pos = torch.cat([seq_x, x_step], 1), torch.cat([seq_pos, positions], 1)
             full_mask = prefix_bidirectional_mask(valid[:, :s0 + t + 1], torch.full_like(last, s0 + t + 1))

@@ -14,6 +14,7 @@ and a ``segments`` array of frames per sentence.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -156,10 +157,19 @@ class Sampler:
 
     def continuation(self, prompts: list[Any], seconds: float, config: GenerateConfig, rollouts: int = 1,
                      context_seconds: float | None = None, lang: int = 0, seed: int | None = None,
-                     stats: GenerateStats | None = None) -> formats.Codes:
-        """The prompt audio continued by ``seconds``, ``rollouts`` times, on one tape (segments: prompt, parts)."""
+                     stats: GenerateStats | None = None, chunks: str | os.PathLike[str] | None = None
+                     ) -> formats.Codes:
+        """The prompt audio continued by ``seconds``, ``rollouts`` times, on one tape (segments: prompt, parts).
+
+        With ``chunks`` (score-chunks of the prompt's source) the prompt is the window of
+        ``context_seconds`` that ends with the source's highest-priority chunk (never a void one).
+        """
         prompt = self.prompt_codes(prompts, None)
         context = self.default_window_seconds() if context_seconds is None else context_seconds
+        if chunks is not None:
+            if len(prompts) != 1 or isinstance(prompts[0], bytes):
+                raise InputError("--chunks picks a window of one prompt file: give exactly one --prompt path")
+            prompt = self.priority_window(chunks, Path(prompts[0]), prompt, int(round(context * self.frame_rate)))
         frames = max(1, int(round(seconds * self.frame_rate)))
         with self.autocast():
             tape, parts = continue_audio(self.model, prompt, frames, config, rollouts,
@@ -174,6 +184,22 @@ class Sampler:
         with self.autocast():
             tape, parts = infill(self.model, before, after, config, frames, lang, seed, stats)
         return self.to_codes(tape, parts)
+
+    def priority_window(self, chunks: str | os.PathLike[str], source: Path, codes: np.ndarray,
+                        frames: int) -> np.ndarray:
+        """(K, <= frames) codes ending where the source's top-priority, non-void chunk ends."""
+        import polars as pl
+
+        df, _ = formats.read_chunk_scores(chunks)
+        for text in df["codec"].unique().to_list():
+            check_same_codec(self.meta["codec"], json.loads(text), f"chunk scores {chunks}")
+        uid = source_id(source, df["id"].unique().to_list())
+        rows = df.filter((pl.col("id") == uid) & ~pl.col("void")).sort("priority", descending=True)
+        if rows.is_empty():
+            raise InputError(f"{chunks}: no scored, non-void chunk of {uid!r}")
+        best = rows.row(0, named=True)
+        end = min(int(best["frame_start"]) + int(best["frame_len"]), codes.shape[1])
+        return codes[:, max(0, end - frames):end]
 
     def default_window_seconds(self) -> float:
         """Context of a continuation: half the training window (the model saw prompts of 25-75 % of it)."""
@@ -217,6 +243,21 @@ def read_sample_manifest(path: str | os.PathLike[str]) -> list[tuple[str, str, l
         prompts = [str(p if Path(p).is_absolute() else path.parent / p) for p in prompt.split("+")]
         rows.append((uid, text, prompts))
     return rows
+
+
+def source_id(path: Path, known: list[str]) -> str:
+    """The utterance id of a prompt file: from a codes manifest above it, else the one id ending in its stem."""
+    resolved = path.resolve()
+    for folder in list(resolved.parents)[:4]:
+        if (folder / formats.MANIFEST_NAME).is_file():
+            manifest = formats.read_manifest(folder)
+            for uid, rel in zip(manifest["id"], manifest["path"], strict=True):
+                if (folder / rel).resolve() == resolved:
+                    return uid
+    matches = [k for k in known if k == path.stem or k.endswith("/" + path.stem)]
+    if len(matches) != 1:
+        raise InputError(f"{path}: cannot tell which scored source it is ({len(matches)} ids end in {path.stem!r})")
+    return matches[0]
 
 
 def describe_codec(meta: dict[str, Any]) -> str:

@@ -28,7 +28,8 @@ generated one by one, each prompted by the reference and the previous --context-
 and all of them are joined (the npz also lists the frames of each sentence). --manifest rows.csv
 (id|text|prompt, '+' joins prompts) writes one npz per row into the -o folder, in batches.
 Without text (a model trained with --task continuation): --continue-seconds S continues the
-prompt audio by S seconds (--rollouts N times, each from the tape's last --context-seconds), and
+prompt audio by S seconds (--rollouts N times, each from the tape's last --context-seconds;
+--chunks chunks.parquet starts from the prompt's highest-priority chunk instead), and
 --infill-suffix B generates the middle between the --prompt and B; the npz holds the whole tape.
 
 --mode ar+nar: level 0 autoregressively (KV cache; until the stop token or --max-seconds), then
@@ -71,6 +72,10 @@ def command(
     rollouts: Annotated[int, typer.Option(min=1, help="Continuation: iterations, each continuing the tape.")] = 1,
     context_seconds: Annotated[float | None, typer.Option(help="Continuation: seconds of the tape each rollout "
                                                           "sees (default: half the training window).")] = None,
+    chunks: Annotated[Path | None, typer.Option(help="Continuation: start from the prompt's highest-priority "
+                                                "chunk (a score-chunks parquet of its source).")] = None,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the AR one-frame step (transformer "
+                                           "arch; pays off on a GPU for long outputs).")] = False,
     infill_suffix: Annotated[list[Path] | None, typer.Option(help="No text: generate the middle between the "
                                                              "--prompt (prefix) and this audio (suffix).")] = None,
     best: Annotated[bool, typer.Option("--best", help="Use the run's best checkpoint, not its last.")] = False,
@@ -87,7 +92,7 @@ def command(
     from valle_cli.generate import GenerateStats
     from valle_cli.sample import Sampler
 
-    config = generate_config(ctx.args, mode.value, max_seconds, steps)
+    config = replace(generate_config(ctx.args, mode.value, max_seconds, steps), compile=compile_)
     audio_only = continue_seconds is not None or bool(infill_suffix)
     if audio_only and (text is not None or manifest is not None):
         raise InputError("--continue-seconds / --infill-suffix take no --text or --manifest")
@@ -116,7 +121,7 @@ def command(
     if audio_only:
         if continue_seconds is not None:
             item = sampler.continuation(prompts, continue_seconds, config, rollouts, context_seconds, lang, seed,
-                                        stats)
+                                        stats, chunks=chunks)
         else:
             item = sampler.infill(prompts, list(infill_suffix), config, duration, lang, seed, stats)
         formats.write_output_bytes(out, formats.codes_to_bytes(item))
