@@ -232,8 +232,13 @@ def generate_ar(model: CodecLM, requests: list[Request], config: GenerateConfig,
     backbone = model.backbone
     step_fn = step_function(model, config.compile and config.use_cache)
     mask = prefix_bidirectional_mask(valid_prefix, batch.bidir_start)
+    # Rows without padding need no step mask: plain causal attention, which flash kernels can run.
+    step_needs_mask = not bool(valid_prefix.all())
+    cache_dtype = x.dtype  # under autocast the keys / values are made in the autocast dtype: store them so
+    if torch.is_autocast_enabled(device.type):
+        cache_dtype = torch.get_autocast_dtype(device.type)
     if config.use_cache:
-        cache = backbone.new_cache(b, total, device, x.dtype)
+        cache = backbone.new_cache(b, total, device, cache_dtype)
         hidden = backbone(x, batch.positions, mask, cache=cache).hidden
     else:
         cache = None
@@ -264,7 +269,7 @@ def generate_ar(model: CodecLM, requests: list[Request], config: GenerateConfig,
         valid[:, s0 + t] = True
         positions = next_position[:, None]
         if cache is not None:
-            step_mask = decode_step_mask(valid[:, :s0 + t + 1], 1)
+            step_mask = decode_step_mask(valid[:, :s0 + t + 1], 1) if step_needs_mask else None
             h = step_fn(x_step, positions, step_mask, cache)[:, 0]
         else:  # recompute everything, as the anchor does
             seq_x, seq_pos = torch.cat([seq_x, x_step], 1), torch.cat([seq_pos, positions], 1)
