@@ -87,8 +87,11 @@ def write_output_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     atomic_write_bytes(path, data)
 
 
-def display_name(path: str | os.PathLike[str]) -> str:
-    return "<stdin>" if str(path) == STDIO else str(path)
+def display_name(path: str | os.PathLike[str], output: bool = False) -> str:
+    """A path for messages; '-' is <stdin> for an input and <stdout> for an output."""
+    if str(path) == STDIO:
+        return "<stdout>" if output else "<stdin>"
+    return str(path)
 
 
 # ----------------------------------------------------------------------------- codes (.npz)

@@ -57,7 +57,7 @@ def command(
     the_codec = codecs.for_codes(item, where, formats.display_name(input))
     wav = decode_item(item, the_codec)
     formats.write_output_bytes(out, wav_bytes(wav, the_codec.sample_rate))
-    Log.info(f"{len(wav) / the_codec.sample_rate:.2f} s of audio -> {formats.display_name(out)}")
+    Log.info(f"{len(wav) / the_codec.sample_rate:.2f} s of audio -> {formats.display_name(out, output=True)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -106,7 +106,8 @@ def command(
     source = formats.read_input_bytes("-") if str(input) == "-" else input
     item = lib.quantize_file(source, the_codec, name=formats.display_name(input))
     formats.write_codes(out, item)
-    Log.info(f"{item.n_codebooks} x {item.n_frames} codes ({item.seconds:.2f} s) -> {formats.display_name(out)}")
+    where = formats.display_name(out, output=True)
+    Log.info(f"{item.n_codebooks} x {item.n_frames} codes ({item.seconds:.2f} s) -> {where}")
 
 
 def _fit(input: Path, out: Path, fit_seconds: float, codebooks: int, codebook_size: int, seed: int,

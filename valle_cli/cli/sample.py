@@ -126,14 +126,14 @@ def command(
             item = sampler.infill(prompts, list(infill_suffix), config, duration, lang, seed, stats)
         formats.write_output_bytes(out, formats.codes_to_bytes(item))
         parts = " + ".join(f"{n / sampler.frame_rate:.2f}" for n in item.extra["segments"])
-        Log.info(f"{parts} s of codes ({timing(stats)}) -> {formats.display_name(out)}")
+        Log.info(f"{parts} s of codes ({timing(stats)}) -> {formats.display_name(out, output=True)}")
         return
     item = sampler.tts(text, prompts, config, prompt_seconds=prompt_seconds, context_history=context_history,
                        lang=lang, duration_seconds=duration, seed=seed, stats=stats)
     formats.write_output_bytes(out, formats.codes_to_bytes(item))
     seconds = item.codes.shape[1] / sampler.frame_rate
     segments = f" in {len(item.extra['segments'])} sentences" if "segments" in item.extra else ""
-    Log.info(f"{seconds:.2f} s of codes{segments} ({timing(stats)}) -> {formats.display_name(out)}")
+    Log.info(f"{seconds:.2f} s of codes{segments} ({timing(stats)}) -> {formats.display_name(out, output=True)}")
 
 
 def timing(stats: Any) -> str:

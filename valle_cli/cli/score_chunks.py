@@ -110,7 +110,7 @@ def command(
     Log.info(f"{report.sources} source(s) scored ({report.decoded} from decoded codes): {report.chunks} chunks of "
              f"{result.params['chunk_frames']} frames, {report.void_chunks} void; "
              f"{report.audio_seconds / 3600:.2f} h of audio at {report.hours_per_minute:.1f} h/min "
-             f"-> {formats.display_name(out)}")
+             f"-> {formats.display_name(out, output=True)}")
     _maybe_plot(result.df, result.params, plot, plot_source, True)
     if report.failures:
         raise PartialFailure(f"{len(report.failures)} source(s) could not be scored ({report.sources} written; "
