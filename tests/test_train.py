@@ -213,3 +213,12 @@ def test_continuation_training_on_audio_only_shards_resumes_exactly(tmp_path):
     assert losses(cut) == losses(straight)
     meta = json.loads((ckpt.resolve_checkpoint(straight) / "config.json").read_text())
     assert meta["train"]["task"] == "continuation" and meta["tokenizer"]["kind"] == "none"
+
+
+@pytest.mark.slow
+def test_compiled_backbone_trains_and_saves_plain_parameter_names(shards, tmp_path):
+    run = tmp_path / "run"
+    report = train(shards, run, TINY, TASKS, replace(QUICK, max_steps=2, compile=True), device="cpu")
+    assert report.steps == 2 and np.isfinite(report.last_loss)
+    names = ckpt.load_weights(ckpt.resolve_checkpoint(run)).keys()
+    assert not any("_orig_mod" in n for n in names) and "backbone.layers.0.attention.wq.weight" in names
