@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Any, TypeVar
 
-from valle_cli.errors import ValleError
+from valle_cli.errors import InputError, ValleError
+
+T = TypeVar("T")
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -38,3 +41,20 @@ def seed_everything(seed: int | None) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as JSON-able data (tuples become lists)."""
+    from dataclasses import asdict
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any], what: str) -> T:
+    """A config dataclass from ``config_to_dict`` data: unknown fields refused, lists back to tuples."""
+    from dataclasses import fields
+
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})  # type: ignore[arg-type]
+    if unknown:
+        raise InputError(f"unknown {what} config field(s): {', '.join(unknown)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from valle_cli.common import config_from_dict, config_to_dict
 from valle_cli.errors import InputError
 
 # Segment kinds, one per position of a sequence (0 = padding).
@@ -50,19 +51,11 @@ class TaskConfig:
     lang: int = 0  # language id of every example (one language per shard set today)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"levels": self.levels if isinstance(self.levels, str) else list(self.levels),
-                "masked_p": self.masked_p, "mask_ratio": self.mask_ratio, "cond_dropout_p": self.cond_dropout_p,
-                "prompt_dropout_p": self.prompt_dropout_p, "prompt_seconds": list(self.prompt_seconds),
-                "lang": self.lang}
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskConfig:
-        data = dict(data)
-        if isinstance(data.get("levels"), list):
-            data["levels"] = tuple(float(p) for p in data["levels"])
-        if "prompt_seconds" in data:
-            data["prompt_seconds"] = tuple(data["prompt_seconds"])
-        return cls(**data)
+        return config_from_dict(cls, data, "tasks")
 
 
 @dataclass

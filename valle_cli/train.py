@@ -35,7 +35,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ import numpy as np
 
 from valle_cli import checkpoint as ckpt
 from valle_cli import tasks
+from valle_cli.common import config_from_dict, config_to_dict
 from valle_cli.errors import InputError, ValleError
 from valle_cli.model.config import ModelConfig, override
 
@@ -107,14 +108,11 @@ class TrainConfig:
             raise InputError("train config: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise InputError(f"unknown train config field(s): {', '.join(unknown)}")
-        return cls(**data)
+        return config_from_dict(cls, data, "train")
 
 
 @dataclass

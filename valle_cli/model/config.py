@@ -16,9 +16,10 @@ train time; the resolved config is written beside every checkpoint (``config.jso
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from valle_cli.common import config_from_dict, config_to_dict
 from valle_cli.errors import InputError
 
 ARCHES = ("transformer", "llama", "mixtral")
@@ -86,20 +87,11 @@ class ModelConfig:
         return not (self.nope_every and (layer + 1) % self.nope_every == 0)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["capabilities"] = list(self.capabilities)
-        return out
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"unknown model config field(s): {', '.join(unknown)}")
-        data = dict(data)
-        if "capabilities" in data:
-            data["capabilities"] = tuple(data["capabilities"])
-        return cls(**data)
+        return config_from_dict(cls, data, "model")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from valle_cli.common import config_from_dict, config_to_dict
 from valle_cli.errors import FormatError, InputError
 from valle_cli.formats import atomic_path
 
@@ -85,20 +86,11 @@ class LoraConfig:
         return self.alpha / self.rank
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["targets"] = list(self.targets)
-        return out
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"unknown LoRA config field(s): {', '.join(unknown)}")
-        data = dict(data)
-        if "targets" in data:
-            data["targets"] = tuple(data["targets"])
-        return cls(**data)
+        return config_from_dict(cls, data, "LoRA")
 
 
 # ----------------------------------------------------------------------------- the adapted linear
