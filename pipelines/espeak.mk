@@ -1,0 +1,9 @@
+# LAYOUT=espeak: the corpus the project makes itself, several espeak-ng voices speaking generated
+# sentences: corpus/<speaker>/<id>.wav + .txt (offline, no download).
+CORPUS := $(WORK)/corpus
+TRANSCRIPTS := $(CORPUS)
+CORPUS_READY := $(CORPUS)/speakers.tsv
+PROMPT ?= $(CORPUS)/spk00/spk00_0000.wav
+
+$(CORPUS_READY):
+	$(PYTHON) $(HERE)../examples/make_corpus.py -o $(CORPUS) --speakers $(SPEAKERS) --per-speaker $(PER_SPEAKER) --seed $(SEED)
