@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint install clean-demo
 
+# valle evaluate needs pocketsphinx (it ships an English model) and jiwer.
 # resemblyzer (the GE2E speaker encoder of valle similarity) ships its weights; its webrtcvad
 # dependency needs pkg_resources, so the wheel-packaged webrtcvad stands in (hence --no-deps).
 $(VENV)/.installed: pyproject.toml Makefile
@@ -14,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/pip install -q webrtcvad-wheels && $(BIN)/pip install -q --no-deps resemblyzer
+	$(BIN)/pip install -q webrtcvad-wheels pocketsphinx jiwer && $(BIN)/pip install -q --no-deps resemblyzer
 	touch $@
 
 install: $(VENV)/.installed

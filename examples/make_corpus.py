@@ -161,13 +161,19 @@ def _write_atomic(path: Path, write) -> None:
 
 
 def make_corpus(out_dir: str | Path, n_speakers: int = 6, per_speaker: int = 20, seed: int = 0,
-                overwrite: bool = False) -> list[Path]:
-    """Write the corpus; returns the wav paths. Existing files are kept unless overwrite."""
+                overwrite: bool = False, eval_dir: str | Path | None = None, eval_per_speaker: int = 0) -> list[Path]:
+    """Write the corpus; returns the wav paths. Existing files are kept unless overwrite.
+
+    With ``eval_dir``, every voice also speaks ``eval_per_speaker`` sentences that appear nowhere
+    in the corpus, into ``eval_dir/<speaker>_eval<k>.wav`` + ``.txt``, and ``eval_dir/rows.csv``
+    lists them as ``id|text|prompt`` rows (prompt: the voice's first corpus file), ready for
+    ``valle sample --manifest`` and ``valle evaluate --references eval_dir``.
+    """
     out_dir = Path(out_dir)
     voices = make_voices(n_speakers, seed)
     # Every speaker reads a different set of sentences, drawn from one pool: a held-out sentence
     # for one voice is never a training sentence of another in the demo split.
-    sentences = make_sentences(n_speakers * per_speaker, seed)
+    sentences = make_sentences(n_speakers * (per_speaker + eval_per_speaker), seed)
     espeak = Espeak()
     paths: list[Path] = []
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -184,10 +190,33 @@ def make_corpus(out_dir: str | Path, n_speakers: int = 6, per_speaker: int = 20,
             _write_atomic(wav_path.with_suffix(".txt"), lambda p, t=text: p.write_text(t + "\n"))
             _write_atomic(wav_path, lambda p, w=wav: sf.write(p, w, espeak.sample_rate, subtype="PCM_16",
                                                                format="WAV"))
+    if eval_dir is not None and eval_per_speaker > 0:
+        _write_eval_set(Path(eval_dir), out_dir, voices, sentences[n_speakers * per_speaker:], eval_per_speaker,
+                        espeak, overwrite)
     rows = ["speaker\tvoice\tpitch\tpitch_range\trate"]
     rows += [f"{v.speaker}\t{v.name}\t{v.pitch}\t{v.pitch_range}\t{v.rate}" for v in voices]
     _write_atomic(out_dir / "speakers.tsv", lambda p: p.write_text("\n".join(rows) + "\n"))
     return paths
+
+
+def _write_eval_set(eval_dir: Path, corpus: Path, voices: list[Voice], sentences: list[str], per_speaker: int,
+                    espeak: Espeak, overwrite: bool) -> None:
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    rows = ["id|text|prompt"]
+    for s, voice in enumerate(voices):
+        prompt = os.path.relpath(corpus / voice.speaker / f"{voice.speaker}_0000.wav", eval_dir)
+        for k in range(per_speaker):
+            text = sentences[s * per_speaker + k]
+            uid = f"{voice.speaker}_eval{k:02d}"
+            rows.append(f"{uid}|{text}|{prompt}")
+            wav_path = eval_dir / f"{uid}.wav"
+            if wav_path.exists() and not overwrite:
+                continue
+            wav = _trim_silence(espeak.speak(text, voice), espeak.sample_rate)
+            _write_atomic(wav_path.with_suffix(".txt"), lambda p, t=text: p.write_text(t + "\n"))
+            _write_atomic(wav_path, lambda p, w=wav: sf.write(p, w, espeak.sample_rate, subtype="PCM_16",
+                                                               format="WAV"))
+    _write_atomic(eval_dir / "rows.csv", lambda p: p.write_text("\n".join(rows) + "\n"))
 
 
 def main() -> None:
@@ -198,8 +227,11 @@ def main() -> None:
     parser.add_argument("--per-speaker", type=int, default=20, help="utterances per voice (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sentences and voices")
     parser.add_argument("--overwrite", action="store_true", help="redo files that exist")
+    parser.add_argument("--eval-out", help="also write held-out sentences of every voice here, with rows.csv")
+    parser.add_argument("--eval-per-speaker", type=int, default=2, help="held-out sentences per voice (default 2)")
     args = parser.parse_args()
-    paths = make_corpus(args.out, args.speakers, args.per_speaker, args.seed, args.overwrite)
+    paths = make_corpus(args.out, args.speakers, args.per_speaker, args.seed, args.overwrite,
+                        eval_dir=args.eval_out, eval_per_speaker=args.eval_per_speaker if args.eval_out else 0)
     seconds = sum(sf.info(p).duration for p in paths)
     print(f"{len(paths)} utterances, {args.speakers} speakers, {seconds / 60:.1f} min of audio in {args.out}",
           file=__import__("sys").stderr)

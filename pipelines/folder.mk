@@ -6,3 +6,6 @@ endif
 TRANSCRIPTS := $(CORPUS)
 CORPUS_READY := $(CORPUS)
 PROMPT ?= $(firstword $(sort $(wildcard $(CORPUS)/*/*.wav)))
+# Evaluation: give EVAL_ROWS=rows.csv (id|text|prompt) and EVAL_REFERENCES=folder of <id>.wav to score samples.
+EVAL_ROWS ?=
+EVAL_REFERENCES ?=

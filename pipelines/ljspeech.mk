@@ -9,3 +9,6 @@ CORPUS_READY := $(LJSPEECH)/metadata.csv
 PROMPT ?= $(firstword $(sort $(wildcard $(CORPUS)/*.wav)))
 SPLIT_BY := utterance
 VAL_FRACTION := 0.02
+# Evaluation: give EVAL_ROWS=rows.csv (id|text|prompt) and EVAL_REFERENCES=folder of <id>.wav to score samples.
+EVAL_ROWS ?=
+EVAL_REFERENCES ?=

@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_errors
 
 from valle_cli import __version__
-from valle_cli.cli import decode, phonemize, quantize, sample, score_chunks, shard, similarity, train
+from valle_cli.cli import decode, evaluate, phonemize, quantize, sample, score_chunks, shard, similarity, train
 
 app = typer.Typer(
     name="valle",
@@ -46,7 +46,7 @@ def _root(
     pass
 
 
-for module in (phonemize, quantize, score_chunks, shard, train, sample, decode, similarity):
+for module in (phonemize, quantize, score_chunks, shard, train, sample, decode, similarity, evaluate):
     module.register(app)
 
 

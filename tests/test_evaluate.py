@@ -1,0 +1,211 @@
+"""valle evaluate: the closed-LM recogniser on espeak speech, the ceilings, the report folder and bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, run_valle
+
+from valle_cli import evaluate as ev
+from valle_cli.audio import load_audio
+
+pytest.importorskip("pocketsphinx")
+pytest.importorskip("jiwer")
+
+ODD_TEXT = '<b>"{text}"</b> & co'  # markup and quotes that the page must escape
+
+
+def valle(*args: object, hide: str | None = None) -> subprocess.CompletedProcess:
+    """``valle ARGS`` as a user runs it; ``hide`` makes one module unimportable (a missing package)."""
+    if hide is None:
+        return run_valle(*map(str, args))
+    code = f"import sys; sys.modules[{hide!r}] = None; from valle_cli.cli import main; main(sys.argv[1:])"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+
+
+def ok(res: subprocess.CompletedProcess) -> str:
+    assert res.returncode == 0, res.stderr.decode()
+    return " ".join(res.stderr.decode().split())
+
+
+def one_error_line(res: subprocess.CompletedProcess) -> str:
+    lines = [line for line in res.stderr.decode().splitlines() if line.strip()]
+    assert res.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: "), res.stderr.decode()
+    return lines[0]
+
+
+def text_of(wav: Path) -> str:
+    return wav.with_suffix(".txt").read_text().strip()
+
+
+# ----------------------------------------------------------------------------- the recogniser
+
+
+def test_closed_language_models_recognise_espeak_speech(espeak_corpus):
+    wavs = sorted(espeak_corpus.rglob("*.wav"))  # 12 utterances, about 38 s
+    texts = [text_of(p) for p in wavs]
+    audio = [load_audio(p, ev.ASR_RATE)[0] for p in wavs]
+    refs = [ev.normalise_text(t) for t in texts]
+    wer = {}
+    for lm in ev.LMS:
+        hyps = ev.recognise(audio, ev.ASR_RATE, texts, lm)
+        wer[lm] = np.mean([ev.error_rates(r, h)[0] for r, h in zip(refs, hyps, strict=True)])
+    assert wer["unigram"] < 0.85  # measured 0.61 (pocketsphinx's own LM: nearly 1)
+    assert wer["bigram"] < wer["unigram"] + 0.05  # measured 0.36
+
+
+def test_text_normalisation_and_language_models():
+    assert ev.normalise_text("Seven apples, at 10:30 -- Dr. Smith's 3 dogs!") == \
+        "seven apples at ten thirty doctor smith's three dogs"
+    arpa = ev.arpa_lm([["a", "b"], ["a", "c"]], "bigram")
+    assert "ngram 1=5" in arpa and "ngram 2=5" in arpa and "\\2-grams:" in arpa
+    p_ab = 10 ** float(next(line for line in arpa.splitlines() if line.endswith(" a b")).split()[0])
+    assert np.isclose(p_ab, (1 - 0.5) / 2)  # seen once of twice after "a", less the discount
+    unigram = ev.arpa_lm([["a", "b"], ["a", "c"]])
+    assert "ngram 2" not in unigram and np.isclose(10 ** float(unigram.splitlines()[5].split()[0]), 2 / 6)
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+@pytest.fixture(scope="module")
+def same_files(espeak_corpus, tmp_path_factory) -> Path:
+    """Two utterances of each voice copied as "outputs" and as references, prompted by a third of the voice;
+    one row without any output; one text with markup in it. Then the command run on it."""
+    work = tmp_path_factory.mktemp("evaluate")
+    rows = ["id|text|prompt"]
+    for spk in ("spk00", "spk01", "spk02"):
+        wavs = sorted((espeak_corpus / spk).glob("*.wav"))
+        for wav in wavs[:2]:
+            for folder in ("samples", "refs"):
+                (work / folder).mkdir(exist_ok=True)
+                shutil.copy(wav, work / folder / wav.name)
+            text = ODD_TEXT.format(text=text_of(wav)) if len(rows) == 1 else text_of(wav)
+            rows.append(f"{wav.stem}|{text}|{wavs[3]}")
+    rows.append(f"ghost|nobody said this|{wavs[3]}")
+    (work / "rows.csv").write_text("\n".join(rows) + "\n")
+    (work / "run").mkdir()
+    with open(work / "run" / "log.jsonl", "w") as f:  # curves to redraw: no curves.png in this run
+        for step in range(1, 4):
+            f.write(json.dumps({"split": "train", "step": step, "tasks": {"tts": {"loss": 3 / step,
+                                                                                  "acc": 0.2 * step}}}) + "\n")
+    work.joinpath("stderr.txt").write_text(ok(valle("evaluate", work / "rows.csv", work / "samples", "-o",
+                                                    work / "report", "--references", work / "refs", "--run",
+                                                    work / "run", "--device", "cpu")))
+    return work
+
+
+def test_outputs_that_are_the_references_score_ratio_one(same_files):
+    summary = json.loads((same_files / "report" / "summary.json").read_text())
+    assert summary["lm"] == "unigram" and summary["encoder"] == "ge2e" and "unigram" in summary["recogniser"]
+    assert summary["counts"] == {"rows": 7, "scored": 6, "missing": 1, "failed": 0}
+    assert summary["missing"] == ["ghost"]
+    assert summary["ratios"]["reference"]["wer"] == 1.0 and np.isclose(summary["ratios"]["reference"]["sim"], 1.0)
+    out, ref = summary["means"]["output"], summary["means"]["reference"]
+    assert 0 < out["wer"] < 1 and 0.5 < out["sim"] < 1 and out == ref
+    err = (same_files / "stderr.txt").read_text()
+    assert "no output" in err and "ghost" in err and "unigram" in err and "output / reference: WER x1.000" in err
+
+
+def test_scores_table_and_page(same_files):
+    report = same_files / "report"
+    with open(report / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and list(rows[0]) == ["id", "text", "hypothesis", "wer", "cer", "sim", "ref_hypothesis",
+                                                "ref_wer", "ref_cer", "ref_sim"]
+    assert all(r["hypothesis"] == r["ref_hypothesis"] and r["wer"] == r["ref_wer"] for r in rows)
+    assert rows[0]["text"].startswith('<b>"')
+    page = (report / "index.html").read_text()
+    assert page.count("<audio controls") == 6 * 3  # prompt, reference, output
+    assert "&lt;b&gt;&quot;" in page and "&amp; co" in page and "<b>\"" not in page
+    assert "img/curves.png" in page and (report / "img" / "curves.png").is_file()
+    for src in [s.split("'")[0] for s in page.split("src='")[1:]]:
+        assert (report / src).is_file(), src
+    assert len(list((report / "img").glob("*.png"))) == 6 * 3 + 1
+    assert len(list((report / "audio").glob("*.wav"))) == 6 * 3
+
+
+def test_rerun_skips_unless_overwrite(same_files):
+    args = ["evaluate", same_files / "rows.csv", same_files / "samples", "-o", same_files / "report"]
+    before = (same_files / "report" / "summary.json").read_text()
+    assert "skipping" in ok(valle(*args))
+    assert (same_files / "report" / "summary.json").read_text() == before
+    ok(valle(*args, "--overwrite", "--lm", "bigram", "-e", "mfcc", "-q"))
+    summary = json.loads((same_files / "report" / "summary.json").read_text())
+    assert summary["lm"] == "bigram" and summary["encoder"] == "mfcc" and "reference" not in summary["means"]
+
+
+def test_library_report_of_wav_outputs(same_files, tmp_path):
+    report = ev.evaluate(same_files / "rows.csv", same_files / "samples", lm="bigram", encoder="mfcc")
+    assert [i.id for i in report.items][:2] == ["spk00_0000", "spk00_0001"]
+    assert set(report.items[0].audio) == {"prompt", "output"} and report.summary["ratios"] == {}
+    index = ev.write_report(report, tmp_path / "r")
+    assert index.is_file() and (tmp_path / "r" / "scores.csv").is_file()
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def test_help_starts_with_the_example():
+    res = valle("evaluate", "--help")
+    text = " ".join(res.stdout.decode().split())
+    assert res.returncode == 0 and text.startswith("Usage: valle evaluate")
+    usage, rest = text.split(" Example: ", 1)  # the usage line, then at once the example
+    assert "OUTPUTS" in usage and len(usage) < 60 and rest.startswith("valle evaluate rows.csv samples/ -o report/")
+    for flag in ("--references", "--codec-references", "--lm", "--similarity-encoder", "--run", "unigram|bigram"):
+        assert flag in text
+
+
+def test_bad_inputs_are_one_line_errors(same_files, tmp_path):
+    rows, samples = same_files / "rows.csv", same_files / "samples"
+    (tmp_path / "empty.csv").write_text("\n# nothing\n")
+    assert "empty manifest" in one_error_line(valle("evaluate", tmp_path / "empty.csv", samples, "-o", tmp_path / "a"))
+    (tmp_path / "none").mkdir()
+    assert "nothing to evaluate" in one_error_line(valle("evaluate", rows, tmp_path / "none", "-o", tmp_path / "b"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "spk00_0000.wav").write_text("not audio")
+    line = one_error_line(valle("evaluate", rows, bad, "-o", tmp_path / "c"))
+    assert "nothing to evaluate" in line and "not a readable audio file" in line
+    line = one_error_line(valle("evaluate", rows, samples, "-o", tmp_path / "d", hide="pocketsphinx"))
+    assert "pip install pocketsphinx jiwer" in line
+    # usage errors: exit 2
+    assert valle("evaluate", rows, samples, "-o", tmp_path / "e", "--codec-references").returncode == 2
+    assert valle("evaluate", rows, samples, "-o", tmp_path / "e", "--lm", "trigram").returncode == 2
+    assert valle("evaluate", rows, samples, "-o", tmp_path / "e", "--run", tmp_path / "norun").returncode == 2
+
+
+def test_unreadable_output_is_listed_not_fatal(same_files, tmp_path):
+    samples = tmp_path / "samples"
+    shutil.copytree(same_files / "samples", samples)
+    (samples / "spk01_0000.wav").write_bytes(b"RIFF junk")
+    report = ev.evaluate(same_files / "rows.csv", samples, encoder="mfcc")
+    assert report.summary["counts"]["failed"] == 1 and "spk01_0000" in report.summary["failures"]
+    assert "not a readable audio file" in report.summary["failures"]["spk01_0000"]
+    assert len(report.items) == 5
+
+
+@pytest.mark.slow  # about 20 s: fits a tiny codec, Griffin-Lim decodes
+def test_codes_outputs_and_codec_references(espeak_corpus, tmp_path):
+    """Outputs that are the codes of the references decode to exactly their codec resynthesis: ratio 1 to it."""
+    corpus = tmp_path / "corpus"
+    shutil.copytree(espeak_corpus / "spk00", corpus / "spk00")
+    ok(run_valle("quantize", corpus, "-o", tmp_path / "codes", "--codebooks", "2", "--codebook-size", "16",
+                 "--fit-seconds", "8", "-q"))
+    wavs = sorted((corpus / "spk00").glob("*.wav"))
+    (tmp_path / "rows.csv").write_text("".join(f"spk00/{w.stem}|{text_of(w)}|{wavs[3]}\n" for w in wavs[:2]))
+    report = ev.evaluate(tmp_path / "rows.csv", tmp_path / "codes", references=corpus, codec_references=True,
+                         encoder="mfcc")
+    assert set(report.items[0].audio) == {"prompt", "reference", "codec_reference", "output"}
+    ratios = report.summary["ratios"]
+    assert ratios["codec_reference"]["wer"] in (1.0, None) and np.isclose(ratios["codec_reference"]["sim"], 1.0)
+    assert set(ratios) == {"reference", "codec_reference"}
