@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -67,3 +68,17 @@ def test_folder_and_ljspeech_layouts_build_shards(espeak_corpus, tmp_path):
     assert res.returncode == 0, res.stderr.decode()[-3000:]
     index = pl.read_parquet(tmp_path / "lj" / "shards" / "index.parquet")
     assert len(index) == len(rows) and (index["split"] == "val").sum() == 1
+
+
+@pytest.mark.slow
+def test_a_shortened_make_demo_runs_end_to_end(tmp_path):
+    """The README's main job with tiny settings: corpus ... train ... sample ... evaluate, one make call."""
+    work = tmp_path / "work"
+    res = make("demo", f"WORK={work}", "SPEAKERS=3", "PER_SPEAKER=4", "EVAL_PER_SPEAKER=1", "STEPS=2",
+               "BATCH_TOKENS=2000", "DEVICE=cpu", "VAL_FRACTION=0.34")
+    assert res.returncode == 0, res.stderr.decode()[-3000:]
+    assert b"demo done" in res.stderr and (work / "sample.wav").is_file()
+    summary = json.loads((work / "report" / "summary.json").read_text())
+    assert summary["counts"]["scored"] == 3 and "codec_reference" in summary["ratios"]
+    page = (work / "report" / "index.html").read_text()
+    assert page.count("<audio") >= 9 and "<img" in page
