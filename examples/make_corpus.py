@@ -160,6 +160,15 @@ def _write_atomic(path: Path, write) -> None:
             tmp.unlink()
 
 
+def _speak_to(wav_path: Path, text: str, voice: Voice, espeak: Espeak, overwrite: bool) -> None:
+    """wav_path (16-bit wav) + its .txt transcript; an existing wav is kept unless overwrite."""
+    if wav_path.exists() and not overwrite:
+        return
+    wav = _trim_silence(espeak.speak(text, voice), espeak.sample_rate)
+    _write_atomic(wav_path.with_suffix(".txt"), lambda p: p.write_text(text + "\n"))
+    _write_atomic(wav_path, lambda p: sf.write(p, wav, espeak.sample_rate, subtype="PCM_16", format="WAV"))
+
+
 def make_corpus(out_dir: str | Path, n_speakers: int = 6, per_speaker: int = 20, seed: int = 0,
                 overwrite: bool = False, eval_dir: str | Path | None = None, eval_per_speaker: int = 0) -> list[Path]:
     """Write the corpus; returns the wav paths. Existing files are kept unless overwrite.
@@ -184,12 +193,7 @@ def make_corpus(out_dir: str | Path, n_speakers: int = 6, per_speaker: int = 20,
             text = sentences[s * per_speaker + j]
             wav_path = spk_dir / f"{voice.speaker}_{j:04d}.wav"
             paths.append(wav_path)
-            if wav_path.exists() and not overwrite:
-                continue
-            wav = _trim_silence(espeak.speak(text, voice), espeak.sample_rate)
-            _write_atomic(wav_path.with_suffix(".txt"), lambda p, t=text: p.write_text(t + "\n"))
-            _write_atomic(wav_path, lambda p, w=wav: sf.write(p, w, espeak.sample_rate, subtype="PCM_16",
-                                                               format="WAV"))
+            _speak_to(wav_path, text, voice, espeak, overwrite)
     if eval_dir is not None and eval_per_speaker > 0:
         _write_eval_set(Path(eval_dir), out_dir, voices, sentences[n_speakers * per_speaker:], eval_per_speaker,
                         espeak, overwrite)
@@ -209,13 +213,7 @@ def _write_eval_set(eval_dir: Path, corpus: Path, voices: list[Voice], sentences
             text = sentences[s * per_speaker + k]
             uid = f"{voice.speaker}_eval{k:02d}"
             rows.append(f"{uid}|{text}|{prompt}")
-            wav_path = eval_dir / f"{uid}.wav"
-            if wav_path.exists() and not overwrite:
-                continue
-            wav = _trim_silence(espeak.speak(text, voice), espeak.sample_rate)
-            _write_atomic(wav_path.with_suffix(".txt"), lambda p, t=text: p.write_text(t + "\n"))
-            _write_atomic(wav_path, lambda p, w=wav: sf.write(p, w, espeak.sample_rate, subtype="PCM_16",
-                                                               format="WAV"))
+            _speak_to(eval_dir / f"{uid}.wav", text, voice, espeak, overwrite)
     _write_atomic(eval_dir / "rows.csv", lambda p: p.write_text("\n".join(rows) + "\n"))
 
 

@@ -38,6 +38,26 @@ def espeak_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+TINY_CODEC = ["--codebooks", "3", "--codebook-size", "64", "--fit-seconds", "20", "-q"]
+TINY_TRAIN = ["--preset", "tiny", "--max-steps", "6", "--batch-tokens", "3000", "--log-every", "2", "--eval-every", "6",
+              "--save-every", "6", "--device", "cpu", "--set", "prompt_seconds=[0.5,1.0]"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(espeak_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pipeline as a user runs it, once per session: work/codes (a tiny fitted codec, K=3 x 64),
+    work/phonemes.parquet, work/shards, and work/run: a tiny model trained 6 steps on them."""
+    work = tmp_path_factory.mktemp("tiny_run")
+    for args in (("quantize", espeak_corpus, "-o", work / "codes", *TINY_CODEC),
+                 ("phonemize", espeak_corpus, "-o", work / "phonemes.parquet", "-q"),
+                 ("shard", work / "codes", work / "phonemes.parquet", "-o", work / "shards", "--val-fraction", "0.2",
+                  "-q"),
+                 ("train", work / "shards", "-o", work / "run", *TINY_TRAIN)):
+        res = run_valle(*args)
+        assert res.returncode == 0, res.stderr.decode()
+    return work
+
+
 class FakeCodec:
     """A deterministic stand-in codec (2 x 16 codes at 50 frames/s of 16 kHz audio) for library tests.
 

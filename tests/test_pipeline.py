@@ -13,7 +13,6 @@ from conftest import run_valle
 
 from valle_cli import formats
 
-TINY_CODEC = ["--codebooks", "3", "--codebook-size", "64", "--fit-seconds", "20", "-q"]
 TRAIN = ["--preset", "tiny", "--max-steps", "6", "--batch-tokens", "3000", "--log-every", "2", "--eval-every", "6",
          "--save-every", "6", "--device", "cpu", "--set", "prompt_seconds=[0.5,1.0]"]
 
@@ -23,14 +22,8 @@ def ok(res) -> None:
 
 
 @pytest.fixture(scope="module")
-def run(espeak_corpus, tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("pipeline")
-    ok(run_valle("quantize", espeak_corpus, "-o", work / "codes", *TINY_CODEC))
-    ok(run_valle("phonemize", espeak_corpus, "-o", work / "phonemes.parquet", "-q"))
-    ok(run_valle("shard", work / "codes", work / "phonemes.parquet", "-o", work / "shards", "--val-fraction", "0.2",
-                 "-q"))
-    ok(run_valle("train", work / "shards", "-o", work / "run", *TRAIN))
-    return work
+def run(tiny_run) -> Path:
+    return tiny_run
 
 
 def test_checkpoint_is_self_contained(run):

@@ -19,10 +19,6 @@ from valle_cli import formats
 from valle_cli import similarity as sim
 from valle_cli.errors import InputError
 
-TINY_CODEC = ["--codebooks", "2", "--codebook-size", "32", "--fit-seconds", "20", "-q"]
-TRAIN = ["--preset", "tiny", "--max-steps", "2", "--batch-tokens", "2000", "--log-every", "1", "--eval-every", "2",
-         "--save-every", "2", "--device", "cpu", "--set", "prompt_seconds=[0.5,1.0]", "-q"]
-
 
 def ok(res: subprocess.CompletedProcess) -> str:
     """stderr of a run that must have succeeded."""
@@ -238,15 +234,9 @@ def test_ge2e_without_resemblyzer_says_how_to_install(espeak_corpus):
 
 
 @pytest.fixture(scope="module")
-def run(espeak_corpus, tmp_path_factory) -> Path:
-    """codes/ quantized from the corpus with a tiny fitted codec, and run/: a model trained 2 steps on them."""
-    work = tmp_path_factory.mktemp("similarity")
-    ok(run_valle("quantize", espeak_corpus, "-o", work / "codes", *TINY_CODEC))
-    ok(run_valle("phonemize", espeak_corpus, "-o", work / "phonemes.parquet", "-q"))
-    ok(run_valle("shard", work / "codes", work / "phonemes.parquet", "-o", work / "shards", "--val-fraction", "0.2",
-                 "-q"))
-    ok(run_valle("train", work / "shards", "-o", work / "run", *TRAIN))
-    return work
+def run(tiny_run) -> Path:
+    """codes/ quantized from the corpus with a tiny fitted codec, and run/: a tiny model trained on them."""
+    return tiny_run
 
 
 def test_codes_encoder_reads_codes_and_encodes_audio(run, espeak_corpus, tmp_path):
