@@ -179,16 +179,21 @@ def test_lr_schedule_warmup_then_cosine_or_hold():
 
 
 def test_two_process_gloo_ddp_run_on_cpu(shards, tmp_path):
-    """torchrun --nproc_per_node 2 -m valle_cli train ...: both ranks step together, rank 0 saves."""
+    """torchrun --nproc_per_node 2 -m valle_cli train ...: both ranks step together, rank 0 saves.
+
+    Evaluating at step 3 gives a first best checkpoint off the --save-every grid: saving gathers
+    every rank's sampler state, so all ranks must agree to save (a rank-0-only decision hangs)."""
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
            "-m", "valle_cli", "train", str(shards), "-o", str(run), "--preset", "tiny", "--max-steps", "4",
-           "--batch-tokens", "400", "--log-every", "1", "--eval-every", "4", "--save-every", "2",
+           "--batch-tokens", "400", "--log-every", "1", "--eval-every", "3", "--save-every", "4",
            "--set", "prompt_seconds=[0.4,0.8]", "--device", "cpu"]
     res = subprocess.run(cmd, capture_output=True, env=env, timeout=240)
     assert res.returncode == 0, res.stderr.decode()[-3000:]
     assert ckpt.resolve_checkpoint(run).name == "step-0000004"
+    # the best checkpoint of step 3 (not a --save-every step) was saved by every rank together: no hang
+    assert (run / "checkpoints" / "step-0000003").is_dir() and (run / "best").is_file()
     state = json.loads((run / "checkpoints/step-0000004/train_state/state.json").read_text())
     assert len(state["sampler"]) == 2 and state["sampler"][0]["params"]["world_size"] == 2
     assert [s for s, _ in losses(run)] == [1, 2, 3, 4] and all(np.isfinite(v) for _, v in losses(run))

@@ -705,25 +705,20 @@ def train(shards: str | os.PathLike[str], out: str | os.PathLike[str], model_con
                 on_step({"step": step, "max_steps": train_config.max_steps, "loss": loss_value,
                          "tokens_per_s": report.tokens_per_second, "skipped": not finite})
 
-            evaluated = step % train_config.eval_every == 0 or step == train_config.max_steps
-            if evaluated and dist.main:
-                result = evaluate(model, val_data, task_config, model_config, train_config, device, dtype)
-                if result is not None:
-                    append_log(out, {"step": step, "split": "val", **result, "time": time.time()})
-                    if best is None or result["loss"] < best:
-                        best = result["loss"]
-                        report.best_val_loss = best
-                        meta_best = True
-                    else:
-                        meta_best = False
-                else:
-                    meta_best = False
-            else:
-                meta_best = False
-            if step % train_config.save_every == 0 or step == train_config.max_steps or meta_best:
+            is_best = False
+            if step % train_config.eval_every == 0 or step == train_config.max_steps:
+                if dist.main:  # rank 0 evaluates; the others wait for its verdict below
+                    result = evaluate(model, val_data, task_config, model_config, train_config, device, dtype)
+                    if result is not None:
+                        append_log(out, {"step": step, "split": "val", **result, "time": time.time()})
+                        is_best = best is None or result["loss"] < best
+                        if is_best:
+                            best = report.best_val_loss = result["loss"]
+                is_best = broadcast_flag(is_best, dist, device)  # saving is collective: every rank must agree
+            if step % train_config.save_every == 0 or step == train_config.max_steps or is_best:
                 path = save(step, sampler_state)
                 last_saved = step
-                if meta_best and dist.main:
+                if is_best and dist.main:
                     ckpt.mark_best(out, path)
     except KeyboardInterrupt:
         report.interrupted = True
@@ -734,6 +729,18 @@ def train(shards: str | os.PathLike[str], out: str | os.PathLike[str], model_con
         loader.close()
         report.wall_seconds = time.perf_counter() - start_time
     return report
+
+
+def broadcast_flag(flag: bool, dist: Distributed, device: str) -> bool:
+    """Rank 0's ``flag`` on every rank (itself without DDP)."""
+    if dist.world_size == 1:
+        return flag
+    import torch
+    import torch.distributed
+
+    value = torch.tensor([float(flag)], device=device)
+    torch.distributed.broadcast(value, src=0)
+    return bool(value.item())
 
 
 def gather(value: Any, dist: Distributed) -> list[Any]:
