@@ -75,10 +75,15 @@ def test_a_shortened_make_demo_runs_end_to_end(tmp_path):
     """The README's main job with tiny settings: corpus ... train ... sample ... evaluate, one make call."""
     work = tmp_path / "work"
     res = make("demo", f"WORK={work}", "SPEAKERS=3", "PER_SPEAKER=4", "EVAL_PER_SPEAKER=1", "STEPS=2",
-               "BATCH_TOKENS=2000", "DEVICE=cpu", "VAL_FRACTION=0.34")
+               "BATCH_TOKENS=2000", "DEVICE=cpu", "VAL_FRACTION=0.3")
     assert res.returncode == 0, res.stderr.decode()[-3000:]
     assert b"demo done" in res.stderr and (work / "sample.wav").is_file()
     summary = json.loads((work / "report" / "summary.json").read_text())
     assert summary["counts"]["scored"] == 3 and "codec_reference" in summary["ratios"]
+    # one voice was held out of training (--split-by speaker): its items are reported apart
+    held_out = summary["held_out_voices"]
+    assert len(held_out) == 1 and set(summary["by_voice"]) == {"held_out", "seen"}
+    assert summary["by_voice"]["held_out"]["means"]["output"]["n"] == 1
+    assert summary["by_voice"]["seen"]["means"]["output"]["n"] == 2
     page = (work / "report" / "index.html").read_text()
     assert page.count("<audio") >= 9 and "<img" in page

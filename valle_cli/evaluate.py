@@ -306,13 +306,15 @@ def _file_stem(index: int, uid: str) -> str:
 def evaluate(manifest: str | os.PathLike[str], outputs: str | os.PathLike[str], *,
              references: str | os.PathLike[str] | None = None, codec_references: bool = False, lm: str = "unigram",
              encoder: str = "ge2e", checkpoint: str | os.PathLike[str] | None = None, device: str = "cpu",
-             audio_dir: str | os.PathLike[str] | None = None,
+             audio_dir: str | os.PathLike[str] | None = None, held_out: Sequence[str] | None = None,
              on_progress: Callable[[int], None] | None = None) -> Report:
     """Score the outputs of ``valle sample --manifest`` (and the references, when given) for every row.
 
     Rows without an output are listed in the summary as missing, rows whose audio cannot be read as
     failures; it is an error when no row is left. The audio of every item is written as wav to
-    ``audio_dir`` (a temporary folder when None) for write_report. ``on_progress`` counts scored audios."""
+    ``audio_dir`` (a temporary folder when None) for write_report. ``on_progress`` counts scored audios.
+    ``held_out`` names voices the model never trained on (``held_out_voices`` of a shard set): the
+    summary then also gives every mean for those voices and for the others apart (``by_voice``)."""
     from valle_cli.audio import wav_bytes
     from valle_cli.sample import read_sample_manifest
     from valle_cli.similarity import make_encoder
@@ -385,7 +387,30 @@ def evaluate(manifest: str | os.PathLike[str], outputs: str | os.PathLike[str], 
         item.scores[role] = score
     summary = summarise(items, rows=len(rows), missing=missing, failures=failures, lm=lm, encoder=encoder,
                         oov=sorted(asr.oov))
+    if held_out is not None:
+        unseen = set(held_out)
+        groups = {"held_out": [i for i in items if voice_of(i) in unseen],
+                  "seen": [i for i in items if voice_of(i) not in unseen]}
+        summary["by_voice"] = {name: {"means": part["means"], "ratios": part["ratios"]}
+                               for name, group in groups.items() if group
+                               for part in [summarise(group, rows=len(group), missing=(), failures={}, lm=lm,
+                                                      encoder=encoder, oov=())]}
+        summary["held_out_voices"] = sorted(unseen)
     return Report(items=items, summary=summary, _keep=keep)
+
+
+def voice_of(item: Item) -> str:
+    """The voice of an item: the folder of its first prompt file (corpus/<speaker>/<utterance>.wav)."""
+    return Path(item.prompts[0]).parent.name if item.prompts else ""
+
+
+def held_out_voices(shards: str | os.PathLike[str]) -> list[str]:
+    """Speakers of a shard set's validation split that have no training utterance (valle shard --split-by speaker)."""
+    from valle_cli.shards import ShardSet
+
+    index = ShardSet(shards).index
+    train = set(index.filter(index["split"] == "train")["speaker"].to_list())
+    return sorted(set(index.filter(index["split"] == "val")["speaker"].to_list()) - train)
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -544,6 +569,15 @@ def _summary_table(summary: dict[str, Any]) -> str:
     for role, ratio in summary["ratios"].items():
         cells = "".join(f"<td class=num>{_fmt(ratio[m])}</td>" for m in ("wer", "cer", "sim"))
         rows.append(f"<tr><th>output / {e(role.replace('_', ' '))}</th><td></td>{cells}</tr>")
+    for group, part in summary.get("by_voice", {}).items():
+        label = "held-out voices" if group == "held_out" else "seen voices"
+        output = part["means"].get("output")
+        if output:
+            cells = "".join(f"<td class=num>{_fmt(output[m])}</td>" for m in ("wer", "cer", "sim"))
+            rows.append(f"<tr><th>output, {label}</th><td class=num>{output['n']}</td>{cells}</tr>")
+        for role, ratio in part["ratios"].items():
+            cells = "".join(f"<td class=num>{_fmt(ratio[m])}</td>" for m in ("wer", "cer", "sim"))
+            rows.append(f"<tr><th>{label}: output / {e(role.replace('_', ' '))}</th><td></td>{cells}</tr>")
     return "<table>" + "".join(rows) + "</table>"
 
 

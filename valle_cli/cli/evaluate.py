@@ -28,7 +28,9 @@ WER and SIM.
 
 -o report/ gets scores.csv (one row per item), summary.json (means, ratios, the LM and encoder
 used, counts, missing ids and failures) and index.html with audio players, spectrograms, scores and,
-with --run run/, the training curves. An existing report is kept unless --overwrite.
+with --run run/, the training curves. --held-out-from shards/ also reports the voices the model
+never trained on apart from the others (an item's voice is the folder of its prompt file).
+An existing report is kept unless --overwrite.
 Needs pip install pocketsphinx jiwer (and resemblyzer webrtcvad-wheels for ge2e).
 """
 
@@ -63,6 +65,8 @@ def command(
         EncoderName.ge2e),
     checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint or run folder (-e codes).")] = None,
     run: Annotated[Path | None, typer.Option("--run", help="Training run folder: its curves go in the page.")] = None,
+    held_out_from: Annotated[Path | None, typer.Option(help="Shards folder: report its held-out voices (val "
+                                                       "speakers with no training utterance) apart.")] = None,
     overwrite: Overwrite = False,
     device: Device = "auto",
     quiet: Quiet = False,
@@ -91,11 +95,12 @@ def command(
 
     ev.require_tools()
     rows = len(read_sample_manifest(manifest))
+    held_out = ev.held_out_voices(held_out_from) if held_out_from is not None else None
     roles = 1 + (references is not None) + codec_references
     with progress("score", total=rows * roles, unit="audio") as advance:
         report = ev.evaluate(manifest, outputs, references=references, codec_references=codec_references,
                              lm=lm.value, encoder=encoder.value, checkpoint=checkpoint, device=device,
-                             audio_dir=out / "audio", on_progress=advance)
+                             audio_dir=out / "audio", held_out=held_out, on_progress=advance)
     _warn(report.summary, outputs)
     with progress("report", total=len(report.items), unit="items") as advance:
         index = ev.write_report(report, out, run=run, on_progress=advance)
@@ -127,6 +132,10 @@ def _describe(summary: dict[str, Any]) -> list[str]:
         lines.append(f"{role.replace('_', ' ')}: WER {fmt(m['wer'])}  CER {fmt(m['cer'])}  SIM {fmt(m['sim'])}")
     for role, r in summary["ratios"].items():
         lines.append(f"output / {role.replace('_', ' ')}: WER x{fmt(r['wer'])}  SIM x{fmt(r['sim'])}")
+    for group, part in summary.get("by_voice", {}).items():
+        m = part["means"]["output"]
+        label = f"held-out voices ({', '.join(summary['held_out_voices'])})" if group == "held_out" else "seen voices"
+        lines.append(f"{label}: output WER {fmt(m['wer'])}  SIM {fmt(m['sim'])} over {m['n']} item(s)")
     return lines
 
 
