@@ -9,7 +9,7 @@ import torch
 from valle_cli import tasks
 from valle_cli.model.config import ModelConfig, preset
 from valle_cli.model.masks import decode_step_mask, prefix_bidirectional_mask
-from valle_cli.model.valle import Batch, CodecLM, flops_per_token
+from valle_cli.model.valle import Batch, CodecLM, flops_per_token, len_digits
 
 K, V, VOCAB = 3, 32, 40
 ARCHES = {
@@ -100,7 +100,7 @@ def test_level_choices_follow_capabilities():
     records = [(np.arange(3), np.zeros((K, 10), np.int64))] * 50
     ex = tasks.draw_examples(records, [None] * 50, rng, tasks.TaskConfig(levels=(1.0, 0.0, 0.0)), 25.0, ("nar", "len"))
     assert {e.kind for e in ex} == {"mask"}  # level 0 without the AR capability is trained masked
-    assert tasks.len_digits(np.array([0, 7, 123, 10**6]), 5).tolist() == [
+    assert len_digits(torch.tensor([0, 7, 123, 10**6]), 5).tolist() == [
         [0, 0, 0, 0, 0], [0, 0, 0, 0, 7], [0, 0, 1, 2, 3], [9, 9, 9, 9, 9]]
 
 

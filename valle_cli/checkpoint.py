@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +38,6 @@ LORA_FILE = "lora.safetensors"
 STATE_DIR = "train_state"
 CHECKPOINTS_DIR = "checkpoints"
 BEST_FILE = "best"
-
-
-@dataclass
-class Checkpoint:
-    path: Path
-    meta: dict[str, Any]  # config.json
-
-    @property
-    def step(self) -> int:
-        return int(self.meta["step"])
 
 
 def checkpoint_name(step: int) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -82,7 +82,6 @@ class GenerateStats:
     ar_seconds: float = 0.0
     nar_seconds: float = 0.0
     demask_seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- samplers
@@ -171,12 +170,6 @@ def _examples(requests: list[Request], kind: str, codes: list[np.ndarray], level
 def _layout(model: CodecLM, examples: list[tasks.Example], device: str) -> Batch:
     sb = tasks.collate(examples, model.config.codebook_size, model.config.unified_positions)
     return Batch.from_numpy(sb, device)
-
-
-def _response_hidden(model: CodecLM, batch: Batch) -> Tensor:
-    """(B, S, D) hidden states of a whole laid-out batch (no cache)."""
-    hidden, _ = model.hidden_states(batch)
-    return hidden
 
 
 # ----------------------------------------------------------------------------- AR (level 0)
@@ -309,7 +302,7 @@ def generate_nar(model: CodecLM, requests: list[Request], level0: list[np.ndarra
     n = len(requests)
     for level in range(1, k):
         batch = _layout(model, _examples(requests, "nar", codes, level, cfg), device)
-        hidden = _response_hidden(model, batch)
+        hidden = model.hidden_states(batch)[0]
         head = model.head_nar[level - 1]
         for i in range(n):
             t = codes[i].shape[1]
@@ -338,7 +331,7 @@ def predict_durations(model: CodecLM, requests: list[Request], config: GenerateC
     empty = [np.zeros((k, 0), np.int64)] * len(requests)
     masks = [np.zeros(0, bool)] * len(requests)
     batch = _layout(model, _examples(requests, "mask", empty, 0, False, masks), device)
-    hidden = _response_hidden(model, batch)
+    hidden = model.hidden_states(batch)[0]
     last = (batch.segment != tasks.PAD).sum(1) - 1
     frames = model.predict_len(hidden[torch.arange(len(requests)), last]).cpu().numpy()
     padded = np.ceil(frames * config.duration_padding).astype(int)
@@ -377,7 +370,7 @@ def generate_nar_len(model: CodecLM, requests: list[Request], config: GenerateCo
             c[0] = np.where(masked[i], 0, tokens[i])
             codes.append(c)
         batch = _layout(model, _examples(requests, "mask", codes, 0, cfg, masked), device)
-        hidden = _response_hidden(model, batch)
+        hidden = model.hidden_states(batch)[0]
         for i in range(n):
             t = lengths[i]
             r0 = int(batch.bidir_start[i])
@@ -386,8 +379,8 @@ def generate_nar_len(model: CodecLM, requests: list[Request], config: GenerateCo
             if cfg:
                 u0 = int(batch.bidir_start[n + i])
                 uncond = model.head_mask(hidden[n + i, u0:u0 + t]).float()
-            guided = guide(logits, uncond, strength, sampler.cfg_rescale)
-            sampled = sample_tokens(logits, step_sampler, generator, uncond=uncond)  # (T,)
+            guided = guide(logits, uncond, strength, sampler.cfg_rescale)  # once: for the draw and the scores
+            sampled = sample_tokens(guided, replace(step_sampler, cfg_strength=0.0), generator)  # (T,)
             # scores from the unfiltered probabilities of what was drawn; kept tokens are never re-masked
             scores = guided.softmax(-1).gather(1, sampled[:, None]).squeeze(1).cpu().numpy()
             was_masked = masked[i]

@@ -25,7 +25,7 @@ import numpy as np
 
 from valle_cli import checkpoint as ckpt
 from valle_cli import formats
-from valle_cli.codecs import check_same_codec, codec_from_spec, describe
+from valle_cli.codecs import check_same_codec, codec_from_spec
 from valle_cli.errors import InputError
 from valle_cli.generate import (
     GenerateConfig,
@@ -258,7 +258,3 @@ def source_id(path: Path, known: list[str]) -> str:
     if len(matches) != 1:
         raise InputError(f"{path}: cannot tell which scored source it is ({len(matches)} ids end in {path.stem!r})")
     return matches[0]
-
-
-def describe_codec(meta: dict[str, Any]) -> str:
-    return describe(meta["codec"])

@@ -284,10 +284,3 @@ def collate(examples: list[Example], codebook_size: int, unified_positions: bool
             out.bidir_start[row] = r0
             out.len_position[row], out.len_target[row] = r0 - 1, n_frames
     return out
-
-
-def len_digits(frames: np.ndarray, digits: int) -> np.ndarray:
-    """(B,) frame counts -> (B, digits) base-10 digits, most significant first (clipped to 10**digits - 1)."""
-    frames = np.clip(np.asarray(frames, dtype=np.int64), 0, 10**digits - 1)
-    powers = 10 ** np.arange(digits - 1, -1, -1)
-    return (frames[:, None] // powers[None, :]) % 10

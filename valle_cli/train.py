@@ -35,6 +35,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -346,19 +347,13 @@ def find_codec_file(data: Any) -> Path | None:
     spec = data.codec
     if spec.get("name") != "builtin":
         return None
-    from valle_cli.codecs import same_codec
-    from valle_cli.codecs.builtin import BuiltinCodec
+    from valle_cli.codecs import codec_from_spec
 
-    candidates = [Path(spec["path"])] if spec.get("path") else []
-    candidates += [Path(p) / "codec.safetensors" for p in data.meta.get("inputs", {}).get("codes", [])]
-    for candidate in candidates:
-        if candidate.is_file():
-            try:
-                if same_codec(BuiltinCodec.load(candidate).spec, spec):
-                    return candidate
-            except ValleError:
-                continue
-    return None
+    search = [Path(p) for p in data.meta.get("inputs", {}).get("codes", [])]
+    try:  # the same search (and hash check) decode uses; the codec found records where it was loaded from
+        return Path(codec_from_spec(spec, search=search).spec["path"])
+    except ValleError:
+        return None
 
 
 def prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
@@ -560,9 +555,7 @@ def train(shards: str | os.PathLike[str], out: str | os.PathLike[str], model_con
     if init_from is not None and saved is None:
         source = ckpt.resolve_checkpoint(init_from)
         load_into(model, ckpt.load_weights(source), str(source))
-    lora = add_lora(model, train_config) if train_config.lora_rank > 0 else (saved or {}).get("lora")
-    if saved is not None and saved.get("lora") and train_config.lora_rank == 0:
-        lora = None
+    lora = add_lora(model, train_config) if train_config.lora_rank > 0 else None  # resuming: lora_rank is saved
     optimizer = build_optimizer(model, train_config, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, train_config))
     meta = run_meta(model_config, task_config, train_config, data, lora)
@@ -653,7 +646,7 @@ def train(shards: str | os.PathLike[str], out: str | os.PathLike[str], model_con
                 assert (batch_step, batch_micro) == (step, micro), (batch_step, batch_micro, step, micro)
                 batch = Batch.from_numpy(laid_out, device)
                 sync = micro == train_config.grad_accum - 1 or dist.world_size == 1
-                context = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else _null()
+                context = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else nullcontext()
                 with context, torch.autocast(device.split(":")[0], dtype=dtype or torch.float32,
                                              enabled=dtype is not None):
                     result = train_model(batch)
@@ -773,10 +766,3 @@ def _grad_norm(model: Any) -> Any:
     norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
     return torch.stack(norms).norm() if norms else torch.zeros(())
 
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None

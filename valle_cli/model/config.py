@@ -15,7 +15,6 @@ train time; the resolved config is written beside every checkpoint (``config.jso
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -117,12 +116,6 @@ def override(config: ModelConfig, **changes: Any) -> ModelConfig:
     if unknown:
         raise InputError(f"unknown model config field(s): {', '.join(unknown)}")
     return replace(config, **changes)
-
-
-def field_types() -> dict[str, Any]:
-    """Field name -> default value (its type is what a `key=value` override is parsed as)."""
-    return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-            for f in fields(ModelConfig)}
 
 
 def check_config(c: ModelConfig) -> None:

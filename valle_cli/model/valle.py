@@ -155,8 +155,7 @@ class CodecLM(nn.Module):
     def predict_len(self, hidden: Tensor) -> Tensor:
         """(B, D) hidden state of the last prefix position -> (B,) predicted response frames."""
         digits = self.len_logits(hidden).argmax(-1)  # (B, len_digits)
-        powers = 10 ** torch.arange(self.config.len_digits - 1, -1, -1, device=hidden.device)
-        return (digits * powers).sum(-1)
+        return (digits * digit_powers(self.config.len_digits, hidden.device)).sum(-1)
 
     # ------------------------------------------------------------------------- training forward
 
@@ -192,8 +191,7 @@ class CodecLM(nn.Module):
             b_idx = torch.nonzero(rows).squeeze(1)
             h_len = hidden[b_idx, batch.len_position[b_idx]]  # (n, D)
             logits = self.len_logits(h_len).float()  # (n, digits, 10)
-            digits = torch.from_numpy(tasks.len_digits(batch.len_target[b_idx].cpu().numpy(), self.config.len_digits))
-            digits = digits.to(logits.device)
+            digits = len_digits(batch.len_target[b_idx], self.config.len_digits)  # (n, digits)
             len_sum = F.cross_entropy(logits.flatten(0, 1), digits.flatten(), reduction="sum") / self.config.len_digits
             loss = loss + self.len_loss_weight * len_sum / len(b_idx)
             exact = (logits.argmax(-1) == digits).all(-1).sum()
@@ -201,6 +199,17 @@ class CodecLM(nn.Module):
         if aux is not None:
             loss = loss + aux
         return ModelOutput(loss=loss, stats=stats, aux_loss=aux)
+
+
+def digit_powers(digits: int, device: torch.device | str) -> Tensor:
+    """(digits,) 10 ** (digits - 1) .. 1: the place values of the len head's digits, most significant first."""
+    return 10 ** torch.arange(digits - 1, -1, -1, device=device)
+
+
+def len_digits(frames: Tensor, digits: int) -> Tensor:
+    """(B,) frame counts -> (B, digits) base-10 digits, most significant first (clipped to 10**digits - 1)."""
+    frames = frames.clamp(0, 10**digits - 1)
+    return (frames[:, None] // digit_powers(digits, frames.device)[None, :]) % 10
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
