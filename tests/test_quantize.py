@@ -125,3 +125,41 @@ def test_quantize_file_matches_folder(audio_dir, tmp_path, fake_codec):
     quantize_folder(audio_dir, tmp_path / "codes", fake_codec)
     single = quantize_file(audio_dir / "spk1/u3.wav", fake_codec)
     assert np.array_equal(single.codes, formats.read_codes(tmp_path / "codes/spk1/u3.npz").codes)
+
+
+def test_parallel_encoders_write_the_same_files_and_restore_torch_threads(audio_dir, tmp_path):
+    import torch
+
+    class ThreadLoggingCodec(FakeCodec):
+        def __init__(self):
+            super().__init__()
+            self.torch_threads = set()
+
+        def encode(self, wavs):
+            self.torch_threads.add(torch.get_num_threads())
+            return super().encode(wavs)
+
+    before = torch.get_num_threads()
+    one, many = FakeCodec(), ThreadLoggingCodec()
+    quantize_folder(audio_dir, tmp_path / "one", one, batch_seconds=0.0, encoders=1)
+    report = quantize_folder(audio_dir, tmp_path / "many", many, batch_seconds=0.0, encoders=3)
+    assert report.written == 4 and sorted(many.calls) == [1, 1, 1, 1]
+    assert many.torch_threads == {1}  # each encoder runs torch single-threaded ...
+    assert torch.get_num_threads() == before  # ... and the caller's setting comes back
+    for p in (tmp_path / "one").rglob("*.npz"):
+        q = tmp_path / "many" / p.relative_to(tmp_path / "one")
+        assert np.array_equal(formats.read_codes(p).codes, formats.read_codes(q).codes)
+
+
+def test_an_encoder_error_propagates_and_leaves_no_partial_file(audio_dir, tmp_path):
+    class Failing(FakeCodec):
+        def encode(self, wavs):
+            if any(len(w) > 16000 for w in wavs):
+                raise RuntimeError("boom")
+            return super().encode(wavs)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        quantize_folder(audio_dir, tmp_path / "codes", Failing(), batch_seconds=0.0, encoders=2)
+    for p in (tmp_path / "codes").rglob("*.npz"):
+        formats.read_codes(p)  # whatever was written is whole
+    assert not list((tmp_path / "codes").rglob("*.tmp*"))

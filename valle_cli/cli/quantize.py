@@ -44,8 +44,13 @@ def command(
     fit_seconds: Annotated[float, typer.Option(help="Audio sampled for fitting (seconds).")] = 1200.0,
     codebooks: Annotated[int, typer.Option(help="Built-in codec: residual codebooks.")] = 8,
     codebook_size: Annotated[int, typer.Option(help="Built-in codec: entries per codebook.")] = 1024,
-    batch_seconds: Annotated[float, typer.Option(help="Padded audio seconds per encoder batch.")] = 120.0,
+    batch_seconds: Annotated[float | None, typer.Option(
+        help="Padded audio seconds per encoder batch [default: 120 on a GPU, 20 on CPU].", show_default=False,
+    )] = None,
     workers: Annotated[int, typer.Option(help="Threads loading audio.")] = 4,
+    encoders: Annotated[int | None, typer.Option(
+        help="Threads encoding batches [default: 1 on a GPU, one per core on CPU].", show_default=False,
+    )] = None,
     shard: Annotated[str | None, typer.Option(help="Process part i of n (0-based), e.g. 0/4.")] = None,
     overwrite: Overwrite = False,
     seed: Seed = 0,
@@ -88,7 +93,7 @@ def command(
         total = sum(lib._header_seconds(j.source) for j in jobs if overwrite or not j.out.exists())
         with progress("quantize", total=total, unit="audio s") as advance:
             report = lib.quantize_folder(input, out, the_codec, batch_seconds=batch_seconds, workers=workers,
-                                         overwrite=overwrite, shard=part, on_progress=advance)
+                                         encoders=encoders, overwrite=overwrite, shard=part, on_progress=advance)
         speed = report.audio_seconds / max(report.wall_seconds, 1e-9)
         Log.info(f"{report.written} quantized, {report.skipped} already done, "
                  f"{report.audio_seconds:.1f} s of audio at {speed:.1f} audio s/s -> {out}")
