@@ -209,3 +209,66 @@ def test_codes_outputs_and_codec_references(espeak_corpus, tmp_path):
     ratios = report.summary["ratios"]
     assert ratios["codec_reference"]["wer"] in (1.0, None) and np.isclose(ratios["codec_reference"]["sim"], 1.0)
     assert set(ratios) == {"reference", "codec_reference"}
+
+
+# ----------------------------------------------------------------------------- the page in a browser
+
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                  "--disable-background-networking", "--disable-component-update"]  # no calls home offline
+
+
+def _chromium() -> str:
+    """Path of a Chromium for playwright to drive; skip where there is none (CI installs one and sets
+    VALLE_REQUIRE_BROWSER=1, so there a missing browser fails instead of skipping)."""
+    required = os.environ.get("VALLE_REQUIRE_BROWSER") == "1"
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        exe = None
+    if exe is None:
+        if required:
+            pytest.fail("VALLE_REQUIRE_BROWSER=1 but chromium or playwright is missing")
+        pytest.skip("needs chromium and playwright (pip install playwright; apt-get install chromium)")
+    return exe
+
+
+def test_report_opens_in_a_browser_with_audio_and_pictures(same_files, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    report = same_files / "report"
+    problems: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("requestfailed", lambda r: problems.append(f"failed: {r.url}"))
+        page.goto((report / "index.html").as_uri())
+        page.wait_for_load_state("load")
+        seen = page.evaluate("""async () => {
+            const audios = [...document.querySelectorAll('audio')];
+            await Promise.all(audios.map(a => a.readyState >= 1 ? null : new Promise(done => {
+                a.addEventListener('loadedmetadata', done); a.addEventListener('error', done); a.load(); })));
+            return {
+                audio: audios.map(a => ({src: decodeURIComponent(a.currentSrc), ready: a.readyState,
+                                         duration: a.duration, error: a.error ? a.error.code : 0})),
+                images: [...document.images].map(i => ({src: decodeURIComponent(i.src), done: i.complete,
+                                                        width: i.naturalWidth, height: i.naturalHeight})),
+                text: document.body.innerText,
+            };
+        }""")
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        browser.close()
+    assert problems == []
+    assert len(seen["audio"]) == 6 * 3
+    for a in seen["audio"]:  # every player has its file, and the browser reads the same length as we wrote
+        assert a["error"] == 0 and a["ready"] >= 1, a
+        wav, _ = load_audio(Path(a["src"].removeprefix("file://")), 16000)
+        assert a["duration"] == pytest.approx(len(wav) / 16000, abs=0.05), a
+    assert len(seen["images"]) == 6 * 3 + 1
+    assert all(i["done"] and i["width"] > 100 and i["height"] > 50 for i in seen["images"]), seen["images"]
+    assert any(i["src"].endswith("img/curves.png") and i["width"] > 600 for i in seen["images"])
+    text = seen["text"]
+    assert '<b>"' in text and "& co" in text  # the markup in a transcript shows as text, not as markup
+    assert "output / reference" in text and "ghost" in text
+    assert (tmp_path / "report.png").stat().st_size > 10_000
