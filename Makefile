@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install clean-demo
+.PHONY: demo quality test lint install clean-demo
 
 # valle evaluate needs pocketsphinx (it ships an English model) and jiwer.
 # resemblyzer (the GE2E speaker encoder of valle similarity) ships its weights; its webrtcvad
@@ -22,6 +22,10 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(MAKE) -C pipelines demo VALLE=$(abspath $(BIN))/valle PYTHON=$(abspath $(BIN))/python WORK=$(CURDIR)/work
+
+# The same pipeline at scale on a GPU (base preset, 40 voices x 100 utterances): ./work/quality/
+quality: $(VENV)/.installed
+	$(MAKE) -C pipelines quality VALLE=$(abspath $(BIN))/valle PYTHON=$(abspath $(BIN))/python WORK=$(CURDIR)/work
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q

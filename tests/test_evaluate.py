@@ -134,13 +134,15 @@ def test_scores_table_and_page(same_files):
     assert len(list((report / "audio").glob("*.wav"))) == 6 * 3
 
 
-def test_rerun_skips_unless_overwrite(same_files):
-    args = ["evaluate", same_files / "rows.csv", same_files / "samples", "-o", same_files / "report"]
-    before = (same_files / "report" / "summary.json").read_text()
+def test_rerun_skips_unless_overwrite(same_files, tmp_path):
+    report = tmp_path / "report"  # a copy: the shared report stays as the fixture made it
+    shutil.copytree(same_files / "report", report)
+    args = ["evaluate", same_files / "rows.csv", same_files / "samples", "-o", report]
+    before = (report / "summary.json").read_text()
     assert "skipping" in ok(valle(*args))
-    assert (same_files / "report" / "summary.json").read_text() == before
+    assert (report / "summary.json").read_text() == before
     ok(valle(*args, "--overwrite", "--lm", "bigram", "-e", "mfcc", "-q"))
-    summary = json.loads((same_files / "report" / "summary.json").read_text())
+    summary = json.loads((report / "summary.json").read_text())
     assert summary["lm"] == "bigram" and summary["encoder"] == "mfcc" and "reference" not in summary["means"]
 
 

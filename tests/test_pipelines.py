@@ -42,6 +42,38 @@ def test_every_recipe_line_is_one_command(layout, extra, tmp_path):
     assert ("--split-by utterance" in split) == (layout == "ljspeech")
 
 
+def test_quality_is_the_demo_at_scale_on_a_gpu(tmp_path):
+    res = make("quality", f"WORK={tmp_path}", dry=True)
+    assert res.returncode == 0, res.stderr.decode()
+    out = res.stdout.decode()
+    train = next(line for line in out.splitlines() if " train " in line)
+    for flag in ("--preset base", "--device cuda", "--max-steps 20000", "--batch-tokens 32000", "--lr 5e-4"):
+        assert flag in train, (flag, train)
+    assert "--speakers 40 --per-speaker 100" in out and "evaluate" in out and f"{tmp_path}/quality/" in out
+    res = make("quality", f"WORK={tmp_path}", "STEPS=50000", dry=True)  # still overridable
+    assert "--max-steps 50000" in res.stdout.decode()
+
+
+def _train_line(work) -> str:
+    res = make("model", f"WORK={work}", dry=True)
+    assert res.returncode == 0, res.stderr.decode()
+    return next(line for line in res.stdout.decode().splitlines() if " train " in line)
+
+
+def test_an_interrupted_training_resumes_and_new_shards_start_over(tmp_path):
+    work = tmp_path / "w"
+    for target in ("corpus/speakers.tsv", "codec.safetensors", "phonemes.parquet", "codes/manifest.parquet",
+                   "chunks.parquet", "shards/index.parquet"):
+        (work / target).parent.mkdir(parents=True, exist_ok=True)
+        (work / target).touch()
+    assert _train_line(work).endswith("--overwrite")  # nothing trained yet
+    (work / "run" / "checkpoints" / "step-100").mkdir(parents=True)
+    assert _train_line(work).endswith("--resume")  # stopped before run/.done: go on from step 100
+    (work / "run" / ".done").touch()
+    os.utime(work / "run" / ".done", (1, 1))  # older than the shards: a new corpus, a new run
+    assert _train_line(work).endswith("--overwrite")
+
+
 def test_a_layout_without_its_path_says_so():
     res = make("demo", "LAYOUT=folder", dry=True)
     assert res.returncode != 0 and b"LAYOUT=folder needs CORPUS=" in res.stderr
@@ -87,3 +119,12 @@ def test_a_shortened_make_demo_runs_end_to_end(tmp_path):
     assert summary["by_voice"]["seen"]["means"]["output"]["n"] == 2
     page = (work / "report" / "index.html").read_text()
     assert page.count("<audio") >= 9 and "<img" in page
+
+    # a stopped run (no run/.done) goes on from its last checkpoint, here to a longer schedule
+    (work / "run" / ".done").unlink()
+    res = make("model", f"WORK={work}", "SPEAKERS=3", "PER_SPEAKER=4", "EVAL_PER_SPEAKER=1", "STEPS=4",
+               "BATCH_TOKENS=2000", "DEVICE=cpu", "VAL_FRACTION=0.3")
+    assert res.returncode == 0, res.stderr.decode()[-3000:]
+    assert b"--resume" in res.stdout and (work / "run" / ".done").is_file()
+    steps = [json.loads(line).get("step") for line in (work / "run" / "log.jsonl").read_text().splitlines()]
+    assert max(s for s in steps if s is not None) == 4
