@@ -140,11 +140,11 @@ def test_parallel_encoders_write_the_same_files_and_restore_torch_threads(audio_
             return super().encode(wavs)
 
     before = torch.get_num_threads()
-    one, many = FakeCodec(), ThreadLoggingCodec()
+    one, many = ThreadLoggingCodec(), ThreadLoggingCodec()
     quantize_folder(audio_dir, tmp_path / "one", one, batch_seconds=0.0, encoders=1)
     report = quantize_folder(audio_dir, tmp_path / "many", many, batch_seconds=0.0, encoders=3)
     assert report.written == 4 and sorted(many.calls) == [1, 1, 1, 1]
-    assert many.torch_threads == {1}  # each encoder runs torch single-threaded ...
+    assert one.torch_threads == many.torch_threads == {1}  # on CPU encoders run torch single-threaded ...
     assert torch.get_num_threads() == before  # ... and the caller's setting comes back
     for p in (tmp_path / "one").rglob("*.npz"):
         q = tmp_path / "many" / p.relative_to(tmp_path / "one")
@@ -163,3 +163,21 @@ def test_an_encoder_error_propagates_and_leaves_no_partial_file(audio_dir, tmp_p
     for p in (tmp_path / "codes").rglob("*.npz"):
         formats.read_codes(p)  # whatever was written is whole
     assert not list((tmp_path / "codes").rglob("*.tmp*"))
+
+
+def test_neural_codes_do_not_depend_on_the_core_count(audio_dir, tmp_path):
+    import torch
+
+    from valle_cli.codecs.hf import EncodecCodec
+
+    codec = EncodecCodec.random(bandwidth=6.0)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            quantize_folder(audio_dir, tmp_path / f"t{threads}", codec, batch_seconds=2.0, encoders=1)
+    finally:
+        torch.set_num_threads(before)
+    for p in (tmp_path / "t1").rglob("*.npz"):
+        assert np.array_equal(formats.read_codes(p).codes, formats.read_codes(tmp_path / "t2" / p.relative_to(
+            tmp_path / "t1")).codes), p
