@@ -234,19 +234,26 @@ def quantize_folder(
           ThreadPoolExecutor(n_encoders) as encoder_pool):
         loading = [[loaders.submit(load, j) for j in b] for b in batches[:depth]]
         encoding: deque[tuple[Future, float]] = deque()
-        for k in range(len(batches)):
-            loaded = [f.result() for f in loading[k]]
-            if k + depth < len(batches):
-                loading.append([loaders.submit(load, j) for j in batches[k + depth]])
-            loading[k] = []  # let the audio go once it is encoded
-            for job, _, _, error in loaded:
-                if error:
-                    report.failures[str(job.source)] = error
-            if len(encoding) >= n_encoders:
+        try:
+            for k in range(len(batches)):
+                loaded = [f.result() for f in loading[k]]
+                if k + depth < len(batches):
+                    loading.append([loaders.submit(load, j) for j in batches[k + depth]])
+                loading[k] = []  # let the audio go once it is encoded
+                for job, _, _, error in loaded:
+                    if error:
+                        report.failures[str(job.source)] = error
+                if len(encoding) >= n_encoders:
+                    finish(*encoding.popleft())
+                encoding.append((encoder_pool.submit(encode_and_write, loaded), sum(s for _, _, s, _ in loaded)))
+            while encoding:
                 finish(*encoding.popleft())
-            encoding.append((encoder_pool.submit(encode_and_write, loaded), sum(sec for _, _, sec, _ in loaded)))
-        while encoding:
-            finish(*encoding.popleft())
+        except BaseException:
+            # An encoder error or Ctrl-C: drop the queued loads and batches instead of waiting for them
+            # (what was written is whole: writes are atomic; a rerun goes on from there).
+            for future in [f for batch in loading for f in batch] + [f for f, _ in encoding]:
+                future.cancel()
+            raise
     update_manifest(out_dir)
     report.wall_seconds = time.perf_counter() - start
     if report.failures:
