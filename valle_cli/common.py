@@ -1,14 +1,32 @@
-"""Device selection and seeding, shared by every stage. Imports torch lazily."""
+"""Device selection, torch threads and seeding, shared by every stage. Imports torch lazily."""
 
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from valle_cli.errors import InputError, ValleError
 
 T = TypeVar("T")
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run torch ops on n intra-op threads inside the block (None: leave it), then restore the count."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -15,9 +15,8 @@ import json
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 from valle_cli import formats
 from valle_cli.audio import find_audio, load_audio
 from valle_cli.codecs import Codec, check_same_codec, frames_for
+from valle_cli.common import torch_threads
 from valle_cli.errors import AudioError, InputError, PartialFailure, ValleError
 
 CODEC_FILE = "codec.safetensors"
@@ -133,22 +133,6 @@ def default_encoders(codec: Codec) -> int:
     return max(1, min(torch.get_num_threads(), 8)) if _on_cpu(codec) else 1
 
 
-@contextmanager
-def _intra_op_threads(n: int | None) -> Iterator[None]:
-    """Run torch ops single-threaded (n=1) inside the block, then restore the thread count."""
-    if n is None:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _check_existing_codec(out_dir: Path, codec: Codec) -> None:
     """Refuse to mix codecs in one folder: compare with any npz already there."""
     for existing in out_dir.rglob("*.npz"):
@@ -230,7 +214,7 @@ def quantize_folder(
     depth = n_encoders + 1  # batches loading ahead of the encoders
     # On CPU every encoder runs torch single-threaded, even alone: the codes of a neural codec then do
     # not depend on the machine's core count (EnCodec's differ in ~1% of places between 1 and 2 threads).
-    with (_intra_op_threads(1 if _on_cpu(codec) else None), ThreadPoolExecutor(max(1, workers)) as loaders,
+    with (torch_threads(1 if _on_cpu(codec) else None), ThreadPoolExecutor(max(1, workers)) as loaders,
           ThreadPoolExecutor(n_encoders) as encoder_pool):
         loading = [[loaders.submit(load, j) for j in b] for b in batches[:depth]]
         encoding: deque[tuple[Future, float]] = deque()

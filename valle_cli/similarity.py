@@ -27,8 +27,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +36,7 @@ import numpy as np
 
 from valle_cli import formats
 from valle_cli.audio import AUDIO_EXTENSIONS
+from valle_cli.common import torch_threads
 from valle_cli.errors import AudioError, CodecError, InputError, ValleError
 
 ENCODERS = ("ge2e", "mfcc", "codes")
@@ -209,20 +209,6 @@ class _AudioInput:
         return wav
 
 
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Run with n torch threads: one small LSTM per utterance is several times faster on one thread
-    than fighting other processes for all cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class Ge2eEncoder(_AudioInput):
     name = "ge2e"
 
@@ -247,7 +233,8 @@ class Ge2eEncoder(_AudioInput):
         if len(speech) < EMBED_RATE // 10:  # nothing the VAD calls speech: use the whole clip
             speech = wav
         if self._on_cpu:
-            with _torch_threads(1):
+            # one small LSTM per utterance is several times faster on one thread than on all cores
+            with torch_threads(1):
                 return np.asarray(self._model.embed_utterance(speech), np.float32)  # (256,)
         return np.asarray(self._model.embed_utterance(speech), np.float32)
 
