@@ -196,6 +196,22 @@ def test_unreadable_output_is_listed_not_fatal(same_files, tmp_path):
     assert len(report.items) == 5
 
 
+def test_an_output_of_a_few_frames_is_scored_not_refused(same_files, tmp_path):
+    """A model that stops after a frame or two gives a 40 ms output: it scores badly, it does not end the run."""
+    import soundfile as sf
+
+    samples = tmp_path / "samples"
+    shutil.copytree(same_files / "samples", samples)
+    wav, rate = sf.read(samples / "spk01_0000.wav", dtype="float32")
+    sf.write(samples / "spk01_0000.wav", wav[: int(0.04 * rate)], rate)
+    report = ev.evaluate(same_files / "rows.csv", samples, encoder="mfcc")
+    assert report.summary["counts"] == {"rows": 7, "scored": 6, "missing": 1, "failed": 0}
+    short = next(i for i in report.items if i.id == "spk01_0000")
+    assert short.scores["output"].wer >= 0.8 and np.isfinite(short.scores["output"].sim)
+    index = ev.write_report(report, tmp_path / "report")
+    assert index.is_file() and len(list((tmp_path / "report" / "img").glob("*spk01_0000*.png"))) == 2
+
+
 @pytest.mark.slow  # about 20 s: fits a tiny codec, Griffin-Lim decodes
 def test_codes_outputs_and_codec_references(espeak_corpus, tmp_path):
     """Outputs that are the codes of the references decode to exactly their codec resynthesis: ratio 1 to it."""
