@@ -221,6 +221,20 @@ def test_bad_inputs_are_one_line_errors(espeak_corpus, tmp_path):
     assert run_valle("similarity", good, espeak_corpus).returncode == 2  # a file and a folder
 
 
+@pytest.mark.parametrize("encoder", ["mfcc", "ge2e"])
+def test_a_clip_of_a_few_frames_is_scored(espeak_corpus, tmp_path, encoder):
+    """A generated output that stopped after 40 ms gets a (low) score instead of ending the run."""
+    import soundfile as sf
+
+    good = wavs(espeak_corpus, "spk00")[0]
+    audio, rate = sf.read(good, dtype="float32")
+    sf.write(tmp_path / "short.wav", audio[: int(0.04 * rate)], rate)
+    res = run_valle("similarity", good, tmp_path / "short.wav", "-e", encoder)
+    ok(res)
+    score = pl.read_csv(io.BytesIO(res.stdout))["similarity"][0]
+    assert np.isfinite(score) and score < 0.95
+
+
 def test_ge2e_without_resemblyzer_says_how_to_install(espeak_corpus):
     good = wavs(espeak_corpus, "spk00")[0]
     hide = "import sys; sys.modules['resemblyzer'] = None; from valle_cli.cli import main; main(sys.argv[1:])"

@@ -220,7 +220,7 @@ def score_items(texts: Sequence[str], wavs: Sequence[np.ndarray], prompts: Seque
     The closed LM is made of ``texts`` unless a ``recogniser`` is given (evaluate makes one of every text
     of the manifest). ``encoder`` is a name or a valle_cli.similarity encoder; a prompt passed several
     times as the same array is embedded once."""
-    from valle_cli.audio import MIN_SECONDS, wav_bytes
+    from valle_cli.audio import wav_bytes
     from valle_cli.similarity import cosine_pairs, embed_files
 
     if not (len(texts) == len(wavs) == len(prompts)):
@@ -237,13 +237,9 @@ def score_items(texts: Sequence[str], wavs: Sequence[np.ndarray], prompts: Seque
     with tempfile.TemporaryDirectory(prefix="valle-embed-") as tmp:
         files, written = [], {}  # the same prompt array (by identity) is written and embedded once
         for i, audio in enumerate([a for pair in zip(wavs, prompts, strict=True) for a in pair]):
-            if id(audio) not in written:
-                # A model can stop after a frame or two: such an output is scored, not refused. It is
-                # padded with silence to the shortest clip the embedding reads (its WER is already known).
-                clip = np.asarray(audio, np.float32)
-                clip = np.pad(clip, (0, max(0, math.ceil(MIN_SECONDS * sample_rate) + 1 - len(clip))))
+            if id(audio) not in written:  # any length: the embedding pads a clip of a few frames
                 written[id(audio)] = Path(tmp) / f"{i}.wav"
-                written[id(audio)].write_bytes(wav_bytes(clip, sample_rate))
+                written[id(audio)].write_bytes(wav_bytes(np.asarray(audio, np.float32), sample_rate))
             files.append(written[id(audio)])
         vectors = embed_files(files, encoder, device=device)  # (2N, D)
     sims = cosine_pairs(vectors[0::2], vectors[1::2])  # (N,)

@@ -41,6 +41,7 @@ from valle_cli.errors import AudioError, CodecError, InputError, ValleError
 
 ENCODERS = ("ge2e", "mfcc", "codes")
 EMBED_RATE = 16000  # Hz: what ge2e and mfcc listen at
+MIN_EMBED_SAMPLES = EMBED_RATE // 20  # 50 ms: shorter clips are padded with silence
 INPUT_EXTENSIONS = (*AUDIO_EXTENSIONS, ".npz")
 N_MFCC = 20
 SIMILARITY_FORMAT_VERSION = 1
@@ -192,7 +193,9 @@ class _AudioInput:
         if path.suffix.lower() != ".npz":
             from valle_cli.audio import load_audio
 
-            return load_audio(path, EMBED_RATE)[0]
+            # Any non-empty clip is scored: a generated output that stopped after a frame or two scores
+            # badly, it does not end the run (the 50 ms floor of training data does not apply here).
+            return _at_least(load_audio(path, EMBED_RATE, min_seconds=0.0)[0], MIN_EMBED_SAMPLES)
         import soxr
 
         from valle_cli.decode import CodecCache, decode_item
@@ -206,7 +209,12 @@ class _AudioInput:
             raise AudioError(f"{path}: its codes decode to no usable audio")
         if codec.sample_rate != EMBED_RATE:
             wav = soxr.resample(wav, codec.sample_rate, EMBED_RATE, quality="HQ").astype(np.float32)
-        return wav
+        return _at_least(wav, MIN_EMBED_SAMPLES)
+
+
+def _at_least(wav: np.ndarray, n: int) -> np.ndarray:
+    """(S,) padded with silence to at least n samples, so that every encoder gets whole frames."""
+    return wav if len(wav) >= n else np.pad(wav, (0, n - len(wav)))
 
 
 class Ge2eEncoder(_AudioInput):
