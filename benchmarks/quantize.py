@@ -71,6 +71,7 @@ def main() -> None:
     import torch
     from make_corpus import make_corpus
 
+    from valle_cli.common import torch_threads
     from valle_cli.quantize import quantize_folder
 
     print(f"torch threads: {torch.get_num_threads()}, device: {args.device}", file=sys.stderr)
@@ -97,12 +98,10 @@ def main() -> None:
             batched_wall = min(batched_wall, time.perf_counter() - t)
         cores = torch.get_num_threads()
         if args.device == "cpu":
-            shutil.rmtree(root / "loop", ignore_errors=True)
-            torch.set_num_threads(1)
-            t = time.perf_counter()
-            per_file_loop(root / "corpus", root / "loop", codec)
-            one_thread_wall = time.perf_counter() - t
-            torch.set_num_threads(cores)
+            with torch_threads(1):
+                t = time.perf_counter()
+                per_file_loop(root / "corpus", root / "loop-one-thread", codec)
+                one_thread_wall = time.perf_counter() - t
 
         same = all(
             np.array_equal(np.load(p)["codes"], np.load(root / "batched" / p.relative_to(root / "loop"))["codes"])

@@ -126,13 +126,6 @@ def _on_cpu(codec: Codec) -> bool:
     return device is None or torch.device(device).type == "cpu"
 
 
-def default_encoders(codec: Codec) -> int:
-    """Encoder threads for a codec: one on an accelerator, one per torch thread (core) on the CPU."""
-    import torch
-
-    return max(1, min(torch.get_num_threads(), 8)) if _on_cpu(codec) else 1
-
-
 def _check_existing_codec(out_dir: Path, codec: Codec) -> None:
     """Refuse to mix codecs in one folder: compare with any npz already there."""
     for existing in out_dir.rglob("*.npz"):
@@ -207,14 +200,19 @@ def quantize_folder(
         if on_progress:
             on_progress(loaded_seconds)
 
+    import torch
+
+    on_cpu = _on_cpu(codec)
     if batch_seconds is None:
-        batch_seconds = CPU_BATCH_SECONDS if _on_cpu(codec) else ACCELERATOR_BATCH_SECONDS
+        batch_seconds = CPU_BATCH_SECONDS if on_cpu else ACCELERATOR_BATCH_SECONDS
+    if encoders is None:  # one on an accelerator, one per torch thread (core) on the CPU
+        encoders = min(torch.get_num_threads(), 8) if on_cpu else 1
     batches = _batches(todo, batch_seconds)
-    n_encoders = max(1, encoders if encoders is not None else default_encoders(codec))
+    n_encoders = max(1, encoders)
     depth = n_encoders + 1  # batches loading ahead of the encoders
     # On CPU every encoder runs torch single-threaded, even alone: the codes of a neural codec then do
     # not depend on the machine's core count (EnCodec's differ in ~1% of places between 1 and 2 threads).
-    with (torch_threads(1 if _on_cpu(codec) else None), ThreadPoolExecutor(max(1, workers)) as loaders,
+    with (torch_threads(1 if on_cpu else None), ThreadPoolExecutor(max(1, workers)) as loaders,
           ThreadPoolExecutor(n_encoders) as encoder_pool):
         loading = [[loaders.submit(load, j) for j in b] for b in batches[:depth]]
         encoding: deque[tuple[Future, float]] = deque()
