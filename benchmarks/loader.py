@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Throughput of batch planning (valle_cli.sampler) and of reading batches from real shards.
+"""Throughput of batch planning (valle_cli.data.batching) and of reading batches from real shards.
 
     python benchmarks/loader.py [--n 100000] [--batch-tokens 20000] [--epochs 3] [--no-shards]
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from valle_cli.sampler import PriorityWindowSampler, TokenBudgetBatchSampler, batch_stats
+from valle_cli.data.batching import PriorityWindowSampler, TokenBudgetBatchSampler, batch_stats
 
 REPO = Path(__file__).resolve().parents[1]
 FRAME_RATE = 75.0  # EnCodec 24 kHz
@@ -127,7 +127,7 @@ def valle(*args: str) -> None:
 
 def bench_shards(batch_tokens: int, epochs: int, speakers: int, per_speaker: int) -> None:
     try:
-        shards = importlib.import_module("valle_cli.shards")
+        shards = importlib.import_module("valle_cli.data.shards")
     except ImportError:
         shards = None
     if shards is None or not hasattr(shards, "ShardSet"):

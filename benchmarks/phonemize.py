@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from valle_cli.text import phonemize, phonemize_corpus, prepare_text
-from valle_cli.tokenizers import PhonemeTokenizer, train_bpe
+from valle_cli.text.phonemize import phonemize, phonemize_corpus, prepare_text
+from valle_cli.text.tokenizers import PhonemeTokenizer, train_bpe
 
 _WHO = ["the old farmer", "Dr. Smith", "a young painter", "Mrs. Jones", "our teacher", "the captain"]
 _DID = ["bought", "carried", "painted", "counted", "sold", "found"]

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 def build_codec(name: str, corpus: Path, device: str, codebook_size: int):
     if name == "builtin":
         from valle_cli.codecs.builtin import BuiltinCodec, BuiltinCodecConfig
-        from valle_cli.quantize import sample_for_fit
+        from valle_cli.codecs.quantize import sample_for_fit
 
         config = BuiltinCodecConfig(codebook_size=codebook_size, kmeans_iters=10)
         t = time.perf_counter()
@@ -44,8 +44,8 @@ def build_codec(name: str, corpus: Path, device: str, codebook_size: int):
 
 def per_file_loop(corpus: Path, out: Path, codec) -> float:
     from valle_cli import formats
-    from valle_cli.audio import find_audio
-    from valle_cli.quantize import quantize_file
+    from valle_cli.codecs.audio import find_audio
+    from valle_cli.codecs.quantize import quantize_file
 
     seconds = 0.0
     for path in find_audio(corpus):
@@ -71,8 +71,8 @@ def main() -> None:
     import torch
     from make_corpus import make_corpus
 
+    from valle_cli.codecs.quantize import quantize_folder
     from valle_cli.common import torch_threads
-    from valle_cli.quantize import quantize_folder
 
     print(f"torch threads: {torch.get_num_threads()}, device: {args.device}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:

@@ -56,13 +56,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from valle_cli import tasks
 from valle_cli.common import resolve_device
-from valle_cli.generate import (
+from valle_cli.data import tasks
+from valle_cli.generation.generate import (
     GenerateConfig,
     GenerateStats,
     Request,
-    SamplerConfig,
+    SamplingParams,
     generate_ar,
     generate_nar,
     generate_nar_len,
@@ -76,7 +76,7 @@ N_CODEBOOKS, CODEBOOK_SIZE, TEXT_VOCAB = 8, 1024, 256
 FRAME_RATE = 75.0  # codec frames per second
 TEXT_TOKENS = 40
 PROMPT_FRAMES = 225  # 3 s
-AR_SAMPLER = SamplerConfig(temperature=1.0)
+AR_SAMPLER = SamplingParams(temperature=1.0)
 
 
 def frames_of(seconds: float) -> int:

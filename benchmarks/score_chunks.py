@@ -33,7 +33,7 @@ def prepare(root: Path, speakers: int, per_speaker: int) -> None:
     from make_corpus import make_corpus
 
     from valle_cli.codecs.builtin import BuiltinCodec, BuiltinCodecConfig
-    from valle_cli.quantize import quantize_folder, sample_for_fit
+    from valle_cli.codecs.quantize import quantize_folder, sample_for_fit
 
     if (root / "codes" / "manifest.parquet").exists() and (root / "long_codes" / "manifest.parquet").exists():
         return
@@ -53,7 +53,7 @@ def prepare(root: Path, speakers: int, per_speaker: int) -> None:
 
 def timed(codes: Path, workers: int, repeats: int):
     """Best of `repeats` runs of score_codes_folder (the first run also warms imports and caches)."""
-    from valle_cli.chunks import ChunkParams, score_codes_folder
+    from valle_cli.data.chunks import ChunkParams, score_codes_folder
 
     best = None
     for _ in range(repeats):

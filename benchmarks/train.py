@@ -49,11 +49,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from valle_cli import tasks
 from valle_cli.common import resolve_device
+from valle_cli.data import tasks
 from valle_cli.model.config import ARCHES, ATTENTION_BACKENDS, PRESETS, ModelConfig, preset
 from valle_cli.model.valle import Batch, count_parameters, flops_per_token
-from valle_cli.train import TrainConfig, autocast_dtype, build_model, build_optimizer
+from valle_cli.training.loop import TrainConfig, autocast_dtype, build_model, build_optimizer
 
 N_CODEBOOKS, CODEBOOK_SIZE, TEXT_VOCAB = 8, 1024, 256
 FRAME_RATE = 75.0  # codec frames per second

@@ -31,17 +31,17 @@ def main() -> None:
     from make_corpus import make_corpus
 
     from valle_cli import formats
-    from valle_cli.audio import wav_bytes
-    from valle_cli.chunks import score_codes_folder
+    from valle_cli.codecs.audio import wav_bytes
     from valle_cli.codecs.builtin import BuiltinCodec, BuiltinCodecConfig
-    from valle_cli.generate import GenerateConfig, SamplerConfig
+    from valle_cli.codecs.quantize import quantize_folder, sample_for_fit
+    from valle_cli.data.chunks import score_codes_folder
+    from valle_cli.data.shards import ShardOptions, build_shards
+    from valle_cli.data.tasks import TaskConfig
+    from valle_cli.generation.generate import GenerateConfig, SamplingParams
+    from valle_cli.generation.synthesizer import Synthesizer
     from valle_cli.model.config import preset
-    from valle_cli.quantize import quantize_folder, sample_for_fit
-    from valle_cli.sample import Sampler
-    from valle_cli.shards import ShardOptions, build_shards
-    from valle_cli.tasks import TaskConfig
-    from valle_cli.text import phonemize_corpus
-    from valle_cli.train import TrainConfig, train
+    from valle_cli.text.phonemize import phonemize_corpus
+    from valle_cli.training.loop import TrainConfig, train
 
     out = args.out
     corpus = out / "corpus"
@@ -73,15 +73,15 @@ def main() -> None:
     print(f"trained: loss {report.first_loss:.3f} -> {report.last_loss:.3f}", file=sys.stderr)
 
     # valle sample run/ --text ... --prompt corpus/spk00/spk00_0000.wav -o out.npz
-    sampler = Sampler.load(out / "run")
+    synth = Synthesizer.load(out / "run")
     prompt = sorted((corpus / "spk00").glob("*.wav"))[0]
-    item = sampler.tts(args.text, [prompt], GenerateConfig(ar=SamplerConfig(temperature=0.8), max_frames=450), seed=0)
+    item = synth.tts(args.text, [prompt], GenerateConfig(ar=SamplingParams(temperature=0.8), max_frames=450), seed=0)
     formats.write_codes(out / "out.npz", item)
 
     # valle decode out.npz -o out.wav
-    wav = sampler.codec().decode([item.codes])[0]
-    formats.atomic_write_bytes(out / "out.wav", wav_bytes(wav, sampler.codec().sample_rate))
-    print(f"{len(wav) / sampler.codec().sample_rate:.2f} s of speech -> {out / 'out.wav'}", file=sys.stderr)
+    wav = synth.codec().decode([item.codes])[0]
+    formats.atomic_write_bytes(out / "out.wav", wav_bytes(wav, synth.codec().sample_rate))
+    print(f"{len(wav) / synth.codec().sample_rate:.2f} s of speech -> {out / 'out.wav'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 
 from valle_cli import formats
-from valle_cli.shards import ShardOptions, build_shards
+from valle_cli.data.shards import ShardOptions, build_shards
 
 CODEC = {"name": "fake", "tag": "synthetic", "codebook_size": 32}
 FRAME_RATE = 25.0

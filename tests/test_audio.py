@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from valle_cli.audio import find_audio, load_audio, wav_bytes
+from valle_cli.codecs.audio import find_audio, load_audio, wav_bytes
 from valle_cli.errors import AudioError
 
 

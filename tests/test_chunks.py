@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from valle_cli import chunks
-from valle_cli.chunks import ChunkParams, score_source
+from valle_cli.data import chunks
+from valle_cli.data.chunks import ChunkParams, score_source
 from valle_cli.errors import AudioError
 
 SR, FR = 16000, 50.0  # 320 samples per code frame

@@ -65,7 +65,7 @@ def test_single_file_and_stdin_stdout_agree_with_folder(fitted, espeak_corpus):
 
 def test_library_and_cli_give_the_same_codes(fitted, espeak_corpus):
     from valle_cli.codecs import load_codec
-    from valle_cli.quantize import quantize_file
+    from valle_cli.codecs.quantize import quantize_file
 
     wav = next(espeak_corpus.rglob("*.wav"))
     lib = quantize_file(wav, load_codec(str(fitted / "codec.safetensors")))

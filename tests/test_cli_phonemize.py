@@ -7,9 +7,9 @@ import io
 import pyarrow.parquet as pq
 from conftest import run_valle
 
-from valle_cli.audio import find_audio
+from valle_cli.codecs.audio import find_audio
 from valle_cli.formats import read_phonemes
-from valle_cli.text import phonemize_corpus
+from valle_cli.text.phonemize import phonemize_corpus
 
 
 def _stderr(res) -> str:

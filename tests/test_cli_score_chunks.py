@@ -11,7 +11,7 @@ import pytest
 from conftest import run_valle
 
 from valle_cli import formats
-from valle_cli.chunks import ChunkParams, score_codes_folder
+from valle_cli.data.chunks import ChunkParams, score_codes_folder
 from valle_cli.errors import CodecMismatchError, FormatError
 
 TINY = ["--codebooks", "2", "--codebook-size", "32", "--fit-seconds", "20", "-q"]

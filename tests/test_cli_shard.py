@@ -10,7 +10,7 @@ import pytest
 from conftest import run_valle
 
 from valle_cli import formats
-from valle_cli.shards import ShardOptions, ShardSet, build_shards
+from valle_cli.data.shards import ShardOptions, ShardSet, build_shards
 
 
 def _stderr(res) -> str:
@@ -21,8 +21,8 @@ def _stderr(res) -> str:
 def prepared(espeak_corpus, tmp_path_factory) -> Path:
     """codes/ (tiny built-in codec), phonemes.parquet, and other_codes/ made by a second codec."""
     from valle_cli.codecs.builtin import BuiltinCodec, BuiltinCodecConfig
-    from valle_cli.quantize import quantize_folder, sample_for_fit
-    from valle_cli.text import phonemize_corpus
+    from valle_cli.codecs.quantize import quantize_folder, sample_for_fit
+    from valle_cli.text.phonemize import phonemize_corpus
 
     work = tmp_path_factory.mktemp("shard")
     config = BuiltinCodecConfig(n_codebooks=2, codebook_size=32)

@@ -10,7 +10,7 @@ from conftest import run_valle
 from synthetic import make_shards
 
 from valle_cli import checkpoint as ckpt
-from valle_cli.train import read_log
+from valle_cli.training.loop import read_log
 
 FAST = ["--preset", "tiny", "--batch-tokens", "400", "--log-every", "1", "--eval-every", "3", "--save-every", "3",
         "--device", "cpu", "--set", "prompt_seconds=[0.4,0.8]"]

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from conftest import REPO, run_valle
 
-from valle_cli import evaluate as ev
-from valle_cli.audio import load_audio
+from valle_cli.codecs.audio import load_audio
+from valle_cli.evaluation import evaluate as ev
 
 pytest.importorskip("pocketsphinx")
 pytest.importorskip("jiwer")

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from valle_cli.errors import InputError
-from valle_cli.generate import (
+from valle_cli.generation.generate import (
     GenerateConfig,
     Request,
-    SamplerConfig,
+    SamplingParams,
     apply_repetition_penalty,
     filter_logits,
     generate_ar,
@@ -26,7 +26,7 @@ from valle_cli.model.config import preset
 from valle_cli.model.valle import CodecLM
 
 K, V, VOCAB = 3, 32, 40
-GREEDY = GenerateConfig(mode="ar+nar", ar=SamplerConfig(temperature=0.0), max_frames=12)
+GREEDY = GenerateConfig(mode="ar+nar", ar=SamplingParams(temperature=0.0), max_frames=12)
 
 
 def model_for(arch: str = "transformer", seed: int = 0, **kw) -> CodecLM:
@@ -52,37 +52,37 @@ def test_guidance_strength_zero_is_plain_and_rescale_keeps_the_spread():
     assert torch.allclose(g.std(-1), c.std(-1), atol=1e-5)
     assert torch.allclose(guide(c, u, 3.0, 0.0), c + 3.0 * (c - u))
     gen = torch.Generator().manual_seed(0)
-    plain = sample_tokens(c, SamplerConfig(temperature=1.0), torch.Generator().manual_seed(0))
-    zero_cfg = sample_tokens(c, SamplerConfig(temperature=1.0, cfg_strength=0.0), gen, uncond=u)
+    plain = sample_tokens(c, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
+    zero_cfg = sample_tokens(c, SamplingParams(temperature=1.0, cfg_strength=0.0), gen, uncond=u)
     assert torch.equal(plain, zero_cfg)
 
 
 def test_filters_keep_what_they_should():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    assert torch.isinf(filter_logits(logits, SamplerConfig(top_k=2))).tolist() == [[False, False, True, True]]
-    assert torch.isinf(filter_logits(logits, SamplerConfig(top_p=0.7))).tolist() == [[False, False, True, True]]
-    assert torch.isinf(filter_logits(logits, SamplerConfig(top_p=0.81))).tolist() == [[False, False, False, True]]
-    assert torch.isinf(filter_logits(logits, SamplerConfig(min_p=0.25))).tolist() == [[False, False, False, True]]
+    assert torch.isinf(filter_logits(logits, SamplingParams(top_k=2))).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, SamplingParams(top_p=0.7))).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, SamplingParams(top_p=0.81))).tolist() == [[False, False, False, True]]
+    assert torch.isinf(filter_logits(logits, SamplingParams(min_p=0.25))).tolist() == [[False, False, False, True]]
 
 
 def test_repetition_penalty_window_and_decay():
     logits = torch.full((1, 6), 2.0)
     history = torch.tensor([[1, 2, 2, 5]])  # 5 is the newest
-    out = apply_repetition_penalty(logits, history, SamplerConfig(repetition_penalty=2.0, repetition_window=3))
+    out = apply_repetition_penalty(logits, history, SamplingParams(repetition_penalty=2.0, repetition_window=3))
     assert out[0].tolist() == [2.0, 2.0, 0.5, 2.0, 2.0, 1.0]  # 1 is outside the window; 2 twice
-    decayed = apply_repetition_penalty(logits, history, SamplerConfig(repetition_penalty=2.0, repetition_decay=0.5))
+    decayed = apply_repetition_penalty(logits, history, SamplingParams(repetition_penalty=2.0, repetition_decay=0.5))
     assert decayed[0, 5] == 1.0 and 1.0 < decayed[0, 1] < decayed[0, 0]
 
 
 def test_greedy_and_seeded_sampling_are_deterministic():
     logits = torch.randn(64, V)
-    cfg = SamplerConfig(temperature=1.0, top_k=10)
+    cfg = SamplingParams(temperature=1.0, top_k=10)
     a = sample_tokens(logits, cfg, torch.Generator().manual_seed(3))
     b = sample_tokens(logits, cfg, torch.Generator().manual_seed(3))
     c = sample_tokens(logits, cfg, torch.Generator().manual_seed(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert torch.equal(sample_tokens(logits, SamplerConfig(temperature=0), None), logits.argmax(-1))
-    draws = torch.stack([sample_tokens(logits[:1], SamplerConfig(), torch.Generator().manual_seed(s))
+    assert torch.equal(sample_tokens(logits, SamplingParams(temperature=0), None), logits.argmax(-1))
+    draws = torch.stack([sample_tokens(logits[:1], SamplingParams(), torch.Generator().manual_seed(s))
                          for s in range(3000)])
     freq = torch.bincount(draws[:, 0], minlength=V).float() / 3000
     assert torch.allclose(freq, logits[0].softmax(-1), atol=0.03)  # the exponential race samples the softmax
@@ -101,7 +101,7 @@ def test_greedy_synthesis_is_deterministic_and_shaped():
 
 def test_seeded_sampling_reproduces_and_seeds_differ():
     model = model_for()
-    cfg = replace(GREEDY, ar=SamplerConfig(temperature=1.0), nar=SamplerConfig(temperature=1.0), max_frames=30)
+    cfg = replace(GREEDY, ar=SamplingParams(temperature=1.0), nar=SamplingParams(temperature=1.0), max_frames=30)
     a = synthesize(model, [request(0)], cfg, seed=1)
     b = synthesize(model, [request(0)], cfg, seed=1)
     c = synthesize(model, [request(0)], cfg, seed=2)
@@ -154,7 +154,7 @@ def test_cfg_runs_and_changes_the_output():
     with torch.no_grad():
         model.head_ar.bias[V] = -100.0
     plain = synthesize(model, [request(0)], GREEDY)
-    guided = synthesize(model, [request(0)], replace(GREEDY, ar=SamplerConfig(temperature=0.0, cfg_strength=3.0)))
+    guided = synthesize(model, [request(0)], replace(GREEDY, ar=SamplingParams(temperature=0.0, cfg_strength=3.0)))
     assert plain[0].shape == guided[0].shape and not np.array_equal(plain[0], guided[0])
 
 
@@ -164,7 +164,7 @@ def test_cfg_runs_and_changes_the_output():
 def test_nar_len_never_remasks_kept_tokens_and_ends_unmasked():
     model = model_for()
     history = []
-    cfg = GenerateConfig(mode="nar-len", steps=6, demask=SamplerConfig(temperature=1.0, cfg_strength=2.5))
+    cfg = GenerateConfig(mode="nar-len", steps=6, demask=SamplingParams(temperature=1.0, cfg_strength=2.5))
     generate_nar_len(model, [request(0, duration=20), request(1, duration=9)], cfg,
                      torch.Generator().manual_seed(0), on_step=lambda i, t, m: history.append((t, m)))
     assert len(history) == 6
@@ -212,7 +212,7 @@ def test_bad_requests_are_refused():
 
 
 def test_continuation_rollouts_stitch_one_tape():
-    from valle_cli.generate import continue_audio
+    from valle_cli.generation.generate import continue_audio
 
     model = model_for()
     prompt = request(0, prompt=10).prompt
@@ -224,7 +224,7 @@ def test_continuation_rollouts_stitch_one_tape():
 
 
 def test_infill_keeps_prefix_and_suffix_around_the_middle():
-    from valle_cli.generate import infill
+    from valle_cli.generation.generate import infill
 
     model = model_for()
     prefix, suffix = request(0, prompt=7).prompt, request(1, prompt=5).prompt

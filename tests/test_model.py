@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from valle_cli import tasks
+from valle_cli.data import tasks
 from valle_cli.model.config import ModelConfig, preset
 from valle_cli.model.masks import decode_step_mask, prefix_bidirectional_mask
 from valle_cli.model.valle import Batch, CodecLM, flops_per_token, len_digits

@@ -8,8 +8,8 @@ import soundfile as sf
 from conftest import FakeCodec
 
 from valle_cli import formats
+from valle_cli.codecs.quantize import Job, _batches, plan_jobs, quantize_file, quantize_folder
 from valle_cli.errors import CodecMismatchError, InputError, PartialFailure
-from valle_cli.quantize import Job, _batches, plan_jobs, quantize_file, quantize_folder
 
 
 def _write(path, seconds, rate=16000, freq=300.0):

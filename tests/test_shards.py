@@ -10,9 +10,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from valle_cli import formats, shards
+from valle_cli import formats
+from valle_cli.data import shards
+from valle_cli.data.shards import ShardOptions, ShardSet, build_shards
 from valle_cli.errors import CodecMismatchError, FormatError, InputError
-from valle_cli.shards import ShardOptions, ShardSet, build_shards
 
 K, CODEBOOK, VOCAB, FRAME_RATE = 3, 32, 40, 50.0
 SPEC = {"name": "builtin", "sha256": "ab" * 32, "codebook_size": CODEBOOK, "n_codebooks": K, "path": "/x.safetensors"}

@@ -16,8 +16,8 @@ import pytest
 from conftest import REPO, run_valle
 
 from valle_cli import formats
-from valle_cli import similarity as sim
 from valle_cli.errors import InputError
+from valle_cli.evaluation import similarity as sim
 
 
 def ok(res: subprocess.CompletedProcess) -> str:

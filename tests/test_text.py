@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from valle_cli.errors import InputError, TextError
-from valle_cli.text import phonemize, phonemize_corpus, read_transcripts, text_to_tokens
-from valle_cli.textnorm import cardinal, clean_text, normalize_english, ordinal, year
-from valle_cli.tokenizers import (
+from valle_cli.text.normalize import cardinal, clean_text, normalize_english, ordinal, year
+from valle_cli.text.phonemize import phonemize, phonemize_corpus, read_transcripts, text_to_tokens
+from valle_cli.text.tokenizers import (
     ESPEAK_INVENTORY,
     SPECIALS,
     BpeTokenizer,

@@ -16,11 +16,11 @@ from conftest import REPO
 from synthetic import make_shards
 
 from valle_cli import checkpoint as ckpt
+from valle_cli.data.tasks import TaskConfig
 from valle_cli.errors import FormatError, InputError
 from valle_cli.model.config import preset
 from valle_cli.model.load import load_model, merge_lora_checkpoint
-from valle_cli.tasks import TaskConfig
-from valle_cli.train import TrainConfig, TrainingError, lr_factor, read_log, train
+from valle_cli.training.loop import TrainConfig, TrainingError, lr_factor, read_log, train
 
 TINY = preset("tiny")
 TASKS = TaskConfig(prompt_seconds=(0.4, 0.8))
@@ -160,9 +160,9 @@ def test_init_from_and_lora_train_only_the_adapters_then_merge(shards, tmp_path)
     plain, meta = load_model(merged)
     adapted, _ = load_model(lora_run)
     assert meta["lora"] is None and f"{wq}.weight" in plain.state_dict()
+    from valle_cli.data.shards import ShardSet
     from valle_cli.model.valle import Batch
-    from valle_cli.shards import ShardSet
-    from valle_cli.train import make_batch
+    from valle_cli.training.loop import make_batch
 
     data = ShardSet(shards, split="train")
     batch = Batch.from_numpy(make_batch(data, [0, 1, 2], np.random.default_rng(0), TASKS, adapted.config))
@@ -200,7 +200,7 @@ def test_two_process_gloo_ddp_run_on_cpu(shards, tmp_path):
 
 
 def test_continuation_training_on_audio_only_shards_resumes_exactly(tmp_path):
-    from valle_cli.shards import ShardOptions, build_shards
+    from valle_cli.data.shards import ShardOptions, build_shards
 
     data = make_shards(tmp_path / "data", frames=(60, 90))
     build_shards([tmp_path / "data" / "codes"], [], tmp_path / "audio_only",  # valle shard --no-text

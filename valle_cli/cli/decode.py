@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from valle_cli.cli._common import Device, Log, Overwrite, Quiet, Verbose, progress
+from valle_cli.cli.options import Device, Log, Overwrite, Quiet, Verbose, progress
 
 HELP = """Example: valle quantize a.wav -o - --codec codec.safetensors | valle decode - -o a_resynth.wav
 
@@ -32,10 +32,10 @@ def command(
 ) -> None:
     Log.configure(quiet, verbose)
     from valle_cli import formats
-    from valle_cli.audio import wav_bytes
     from valle_cli.codecs import load_codec
+    from valle_cli.codecs.audio import wav_bytes
+    from valle_cli.codecs.decode import CodecCache, decode_folder, decode_item
     from valle_cli.common import resolve_device
-    from valle_cli.decode import CodecCache, decode_folder, decode_item
     from valle_cli.errors import InputError
 
     dev = resolve_device(device)

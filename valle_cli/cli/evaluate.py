@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from valle_cli.cli._common import Device, Log, Overwrite, Quiet, Verbose, progress
+from valle_cli.cli.options import Device, Log, Overwrite, Quiet, Verbose, progress
 
 HELP = """Example: valle evaluate rows.csv samples/ -o report/ --references corpus/
 
@@ -90,8 +90,8 @@ def command(
         Log.info(f"{out} has a report, skipping (--overwrite to redo)")
         return
 
-    from valle_cli import evaluate as ev
-    from valle_cli.sample import read_sample_manifest
+    from valle_cli.evaluation import evaluate as ev
+    from valle_cli.generation.synthesizer import read_sample_manifest
 
     ev.require_tools()
     rows = len(read_sample_manifest(manifest))

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from valle_cli.cli._common import Log, Overwrite, Quiet, Verbose, progress
+from valle_cli.cli.options import Log, Overwrite, Quiet, Verbose, progress
 
 HELP = """Example: valle phonemize metadata.csv -o phonemes.parquet
 
@@ -30,7 +30,7 @@ class TokenizerKind(str, Enum):
 
 def _list_langs(value: bool) -> None:
     if value:
-        from valle_cli.text import list_languages
+        from valle_cli.text.phonemize import list_languages
 
         for code, name in sorted(list_languages().items()):
             print(f"{code}\t{name}")
@@ -68,7 +68,7 @@ def command(input: Input, out: Out, lang: Lang = "en-us", tokenizer: Kind = None
         Log.info(f"{out} exists, skipping (--overwrite to redo)")
         return
     from valle_cli.formats import write_phonemes
-    from valle_cli.text import phonemize_corpus
+    from valle_cli.text.phonemize import phonemize_corpus
 
     with progress("phonemize", total=None, unit="utt") as advance:
         result = phonemize_corpus(

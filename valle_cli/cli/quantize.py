@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from valle_cli.cli._common import Device, Log, Overwrite, Quiet, Seed, Verbose, progress
+from valle_cli.cli.options import Device, Log, Overwrite, Quiet, Seed, Verbose, progress
 
 HELP = """Example: valle quantize audio/ -o codes/
 
@@ -60,8 +60,8 @@ def command(
 ) -> None:
     Log.configure(quiet, verbose)
     part = _parse_shard(shard)
-    from valle_cli import quantize as lib
     from valle_cli.codecs import describe, load_codec
+    from valle_cli.codecs import quantize as lib
     from valle_cli.common import resolve_device, seed_everything
     from valle_cli.errors import InputError
 
@@ -120,7 +120,7 @@ def _fit(input: Path, out: Path, fit_seconds: float, codebooks: int, codebook_si
     import time
 
     from valle_cli.codecs.builtin import BuiltinCodec, BuiltinCodecConfig
-    from valle_cli.quantize import sample_for_fit
+    from valle_cli.codecs.quantize import sample_for_fit
 
     config = BuiltinCodecConfig(n_codebooks=codebooks, codebook_size=codebook_size)
     out.parent.mkdir(parents=True, exist_ok=True)  # an unwritable output fails now, not after the fit

@@ -9,9 +9,9 @@ from typing import Annotated, Any
 
 import typer
 
-from valle_cli.cli._common import Device, Log, Overwrite, Quiet, Verbose, progress
+from valle_cli.cli.options import Device, Log, Overwrite, Quiet, Verbose, progress
 
-SAMPLER_FLAGS = {  # flag -> SamplerConfig field
+SAMPLER_FLAGS = {  # flag -> SamplingParams field
     "temperature": "temperature", "top-k": "top_k", "top-p": "top_p", "min-p": "min_p",
     "repetition-penalty": "repetition_penalty", "repetition-window": "repetition_window",
     "repetition-decay": "repetition_decay", "length-penalty": "length_penalty",
@@ -89,8 +89,8 @@ def command(
     from valle_cli import formats
     from valle_cli.common import resolve_device
     from valle_cli.errors import InputError
-    from valle_cli.generate import GenerateStats
-    from valle_cli.sample import Sampler
+    from valle_cli.generation.generate import GenerateStats
+    from valle_cli.generation.synthesizer import Synthesizer
 
     config = replace(generate_config(ctx.args, mode.value, max_seconds, steps), compile=compile_)
     audio_only = continue_seconds is not None or bool(infill_suffix)
@@ -108,30 +108,30 @@ def command(
         Log.info(f"{out} exists, skipping (--overwrite to redo)")
         return
     dev = resolve_device(device)
-    sampler = Sampler.load(checkpoint, dev, which="best" if best else "last")
-    config = replace(config, max_frames=max(1, int(round(max_seconds * sampler.frame_rate))))
-    Log.detail(f"checkpoint {sampler.folder} (step {sampler.meta['step']}, {sampler.meta['model']['arch']}, "
-               f"{sampler.meta['codec'].get('name')})")
+    synth = Synthesizer.load(checkpoint, dev, which="best" if best else "last")
+    config = replace(config, max_frames=max(1, int(round(max_seconds * synth.frame_rate))))
+    Log.detail(f"checkpoint {synth.folder} (step {synth.meta['step']}, {synth.meta['model']['arch']}, "
+               f"{synth.meta['codec'].get('name')})")
     stats = GenerateStats()
 
     if manifest is not None:
-        run_manifest(sampler, manifest, out, config, prompt_seconds, lang, batch_size, seed, overwrite, stats)
+        run_manifest(synth, manifest, out, config, prompt_seconds, lang, batch_size, seed, overwrite, stats)
         return
     prompts: list[Any] = [formats.read_input_bytes("-") if str(p) == "-" else p for p in prompt]
     if audio_only:
         if continue_seconds is not None:
-            item = sampler.continuation(prompts, continue_seconds, config, rollouts, context_seconds, lang, seed,
+            item = synth.continuation(prompts, continue_seconds, config, rollouts, context_seconds, lang, seed,
                                         stats, chunks=chunks)
         else:
-            item = sampler.infill(prompts, list(infill_suffix), config, duration, lang, seed, stats)
+            item = synth.infill(prompts, list(infill_suffix), config, duration, lang, seed, stats)
         formats.write_output_bytes(out, formats.codes_to_bytes(item))
-        parts = " + ".join(f"{n / sampler.frame_rate:.2f}" for n in item.extra["segments"])
+        parts = " + ".join(f"{n / synth.frame_rate:.2f}" for n in item.extra["segments"])
         Log.info(f"{parts} s of codes ({timing(stats)}) -> {formats.display_name(out, output=True)}")
         return
-    item = sampler.tts(text, prompts, config, prompt_seconds=prompt_seconds, context_history=context_history,
+    item = synth.tts(text, prompts, config, prompt_seconds=prompt_seconds, context_history=context_history,
                        lang=lang, duration_seconds=duration, seed=seed, stats=stats)
     formats.write_output_bytes(out, formats.codes_to_bytes(item))
-    seconds = item.codes.shape[1] / sampler.frame_rate
+    seconds = item.codes.shape[1] / synth.frame_rate
     segments = f" in {len(item.extra['segments'])} sentences" if "segments" in item.extra else ""
     Log.info(f"{seconds:.2f} s of codes{segments} ({timing(stats)}) -> {formats.display_name(out, output=True)}")
 
@@ -150,7 +150,7 @@ def run_manifest(sampler: Any, manifest: Path, out: Path, config: Any, prompt_se
                  batch_size: int, seed: int | None, overwrite: bool, stats: Any) -> None:
     from valle_cli import formats
     from valle_cli.errors import InputError, PartialFailure, ValleError
-    from valle_cli.sample import read_sample_manifest, split_sentences
+    from valle_cli.generation.synthesizer import read_sample_manifest, split_sentences
 
     if str(out) == "-":
         raise InputError("--manifest writes one npz per row: -o must name a folder")
@@ -193,10 +193,10 @@ def run_manifest(sampler: Any, manifest: Path, out: Path, config: Any, prompt_se
 
 def generate_config(args: list[str], mode: str, max_seconds: float, steps: int) -> Any:
     """GenerateConfig from the sampler flags (``--temperature 0.7``, ``--ar-top-k 50``, ...)."""
-    from valle_cli.generate import GenerateConfig, SamplerConfig
+    from valle_cli.generation.generate import GenerateConfig, SamplingParams
 
     config = GenerateConfig(mode=mode, steps=steps)
-    types = {f.name: type(f.default) for f in fields(SamplerConfig)}
+    types = {f.name: type(f.default) for f in fields(SamplingParams)}
     everywhere: dict[str, Any] = {}
     per_pass: dict[str, dict[str, Any]] = {p: {} for p in PASSES}
     i = 0

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from valle_cli.cli._common import Device, Log, Overwrite, Quiet, Verbose, progress
+from valle_cli.cli.options import Device, Log, Overwrite, Quiet, Verbose, progress
 
 HELP = """Example: valle score-chunks codes/ -o chunks.parquet
 
@@ -68,7 +68,7 @@ def command(
         raise typer.BadParameter(f"{device!r}: expected auto, cpu, cuda or cuda:N", param_hint="--device")
     if workers < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--workers")
-    from valle_cli.chunks import ChunkParams
+    from valle_cli.data.chunks import ChunkParams
 
     try:
         params = ChunkParams(chunk_seconds=0.75 if chunk_seconds is None else chunk_seconds, bpm=bpm,
@@ -86,7 +86,8 @@ def command(
         if importlib.util.find_spec("matplotlib") is None:  # fail before the work, not after it
             raise ValleError("--plot needs matplotlib, which is not installed (pip install matplotlib)")
 
-    from valle_cli import chunks, formats
+    from valle_cli import formats
+    from valle_cli.data import chunks
     from valle_cli.errors import InputError, PartialFailure
 
     to_stdout = str(out) == formats.STDIO
@@ -136,7 +137,7 @@ def _maybe_plot(df: object, params: dict, plot: Path | None, plot_source: str | 
     if plot.exists() and not overwrite:
         Log.info(f"{plot} exists, skipping (--overwrite to redraw)")
         return
-    from valle_cli.chunks import plot_source as draw
+    from valle_cli.data.chunks import plot_source as draw
 
     source = plot_source if plot_source is not None else df["id"][0]
     draw(df, params, source, plot)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from valle_cli.cli._common import Log, Overwrite, Quiet, Seed, Verbose, progress
+from valle_cli.cli.options import Log, Overwrite, Quiet, Seed, Verbose, progress
 
 HELP = """Example: valle shard codes/ phonemes.parquet -o shards/
 
@@ -56,9 +56,9 @@ def command(inputs: Inputs, out: Out, chunks: Chunks = None, min_seconds: MinSec
             max_prompts: MaxPrompts = 64, no_text: NoText = False, overwrite: Overwrite = False, seed: Seed = 0,
             quiet: Quiet = False, verbose: Verbose = 0) -> None:
     Log.configure(quiet, verbose)
+    from valle_cli.data.shards import SPLITS, ShardOptions, build_shards
     from valle_cli.errors import InputError
     from valle_cli.formats import MANIFEST_NAME
-    from valle_cli.shards import SPLITS, ShardOptions, build_shards
 
     if str(out) == "-":
         raise InputError("shards are a folder of files: -o must name a folder, not - (stdout)")

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from valle_cli.cli._common import Device, Log, Overwrite, Quiet, Verbose, progress
+from valle_cli.cli.options import Device, Log, Overwrite, Quiet, Verbose, progress
 
 HELP = """Example: valle similarity prompt.wav generated.wav
 
@@ -80,7 +80,7 @@ def command(
         Log.info(f"{out} exists, skipping (--overwrite to redo)")
         return
 
-    from valle_cli import similarity as sim
+    from valle_cli.evaluation import similarity as sim
 
     options: dict[str, Any] = {"checkpoint": checkpoint, "device": device}
     if matrix is not None:
@@ -106,7 +106,7 @@ def command(
 
 def _paired_folders(a_dir: Path, b_dir: Path) -> list[tuple[Path, Path]]:
     """Pairs by relative path without extension; what one folder lacks is said, not skipped silently."""
-    from valle_cli import similarity as sim
+    from valle_cli.evaluation import similarity as sim
 
     found = sim.pair_folders(a_dir, b_dir)
     for folder, other, alone in ((a_dir, b_dir, found.only_a), (b_dir, a_dir, found.only_b)):
@@ -118,7 +118,7 @@ def _paired_folders(a_dir: Path, b_dir: Path) -> list[tuple[Path, Path]]:
 
 
 def _run_matrix(folder: Path, encoder: str, out: Path, options: dict[str, Any]) -> None:
-    from valle_cli import similarity as sim
+    from valle_cli.evaluation import similarity as sim
 
     paths = sim.find_inputs(folder)
     speakers = sim.speakers_of(paths, folder)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from valle_cli.cli._common import Device, Log, Overwrite, Quiet, Verbose, console
+from valle_cli.cli.options import Device, Log, Overwrite, Quiet, Verbose, console
 
 HELP = """Example: valle train shards/ -o run/ --arch llama --preset small --max-steps 20000
 
@@ -136,7 +136,7 @@ def command(
                "lora_rank": lora_rank, "lora_alpha": lora_alpha, "seed": seed,
                "task": task.value if task else None, "chunks": str(chunks) if chunks else None},
     )
-    from valle_cli.train import train
+    from valle_cli.training.loop import train
 
     with step_display(train_cfg.max_steps, train_cfg.log_every) as on_step:
         report = train(shards, out, model_cfg, task_cfg, train_cfg, device=device, resume=resume,
@@ -159,10 +159,10 @@ def resolve_configs(preset_name: str, config_file: Path | None, sets: list[str],
     """preset < --config file < --set < flags, for the model, tasks and train configs."""
     from dataclasses import fields
 
+    from valle_cli.data.tasks import TaskConfig
     from valle_cli.errors import InputError
     from valle_cli.model.config import PRESETS, ModelConfig
-    from valle_cli.tasks import TaskConfig
-    from valle_cli.train import TrainConfig
+    from valle_cli.training.loop import TrainConfig
 
     layers: dict[str, dict[str, Any]] = {"model": dict(PRESETS[preset_name]), "tasks": {}, "train": {}}
     if config_file is not None:

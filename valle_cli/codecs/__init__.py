@@ -1,6 +1,10 @@
-"""Neural and built-in audio codecs behind one small protocol.
+"""Audio in and out: audio I/O, the codecs behind one small protocol, and ``quantize`` / ``decode``.
 
-``codecs/`` is the only code that builds codec models. A codec turns mono float audio at its
+``audio`` reads any audio file into mono float32 at a codec's rate and writes wavs; ``builtin``
+(an offline codec fitted on your audio), ``hf`` (EnCodec and DAC through transformers) and
+``original`` (their original packages) implement the protocol below; ``quantize`` turns audio
+files into codes files and ``decode`` turns codes back into audio. ``codecs/`` is the only code
+that builds codec models. A codec turns mono float audio at its
 ``sample_rate`` into integer codes (K codebooks x T frames) and back. Every codes file records the
 codec's ``spec`` (a JSON-able dict), and ``same_codec`` decides whether two specs are compatible.
 

@@ -15,7 +15,7 @@ def load_model(path: str | os.PathLike[str], device: str = "cpu", which: str = "
     """(CodecLM in eval mode on ``device``, checkpoint config) from a checkpoint or a run folder."""
     from valle_cli.model.config import ModelConfig
     from valle_cli.model.valle import CodecLM
-    from valle_cli.train import load_into
+    from valle_cli.training.loop import load_into
 
     folder = ckpt.resolve_checkpoint(path, which)
     meta = ckpt.read_meta(folder)  # format version first: nothing else is trusted before it

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from valle_cli import tasks
+from valle_cli.data import tasks
 from valle_cli.model import build_backbone
 from valle_cli.model.config import ModelConfig
 from valle_cli.model.masks import prefix_bidirectional_mask

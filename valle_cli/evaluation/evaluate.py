@@ -9,10 +9,10 @@ of the outputs (quantize + decode), so every figure sits next to its ceiling wit
             all the evaluated texts: a closed-vocabulary unigram (default) or bigram language model
             and a dictionary of just those words (pocketsphinx's general English LM is useless on
             synthetic voices). Texts and hypotheses are normalised alike: English numbers and
-            abbreviations spelled out (valle_cli.textnorm), lowercase, punctuation stripped.
+            abbreviations spelled out (valle_cli.text.normalize), lowercase, punctuation stripped.
             Scored with jiwer, per item; words missing from the pronouncing dictionary cannot be
             recognised and are listed as out of vocabulary.
-  SIM       cosine of the speaker embeddings of the audio and its prompt (valle_cli.similarity:
+  SIM       cosine of the speaker embeddings of the audio and its prompt (valle_cli.evaluation.similarity:
             ge2e by default, mfcc, or codes with a checkpoint).
 
 Aggregates are per-item means, and the ratios output / reference of the mean WER and mean SIM
@@ -59,7 +59,7 @@ _OUTPUT_EXTENSIONS = (".npz", ".wav", ".flac")
 def normalise_text(text: str) -> str:
     """What WER compares: English numbers spelled out, lowercase, punctuation stripped (apostrophes kept
     inside words)."""
-    from valle_cli.textnorm import normalize_english
+    from valle_cli.text.normalize import normalize_english
 
     return " ".join(re.findall(r"[a-z0-9]+(?:'[a-z0-9]+)*", normalize_english(text).lower()))
 
@@ -218,10 +218,10 @@ def score_items(texts: Sequence[str], wavs: Sequence[np.ndarray], prompts: Seque
     """Scores of ``wavs[i]`` (mono float at ``sample_rate``) against ``texts[i]`` and ``prompts[i]``.
 
     The closed LM is made of ``texts`` unless a ``recogniser`` is given (evaluate makes one of every text
-    of the manifest). ``encoder`` is a name or a valle_cli.similarity encoder; a prompt passed several
+    of the manifest). ``encoder`` is a name or a valle_cli.evaluation.similarity encoder; a prompt passed several
     times as the same array is embedded once."""
-    from valle_cli.audio import wav_bytes
-    from valle_cli.similarity import cosine_pairs, embed_files
+    from valle_cli.codecs.audio import wav_bytes
+    from valle_cli.evaluation.similarity import cosine_pairs, embed_files
 
     if not (len(texts) == len(wavs) == len(prompts)):
         raise ValueError(f"{len(texts)} texts, {len(wavs)} wavs and {len(prompts)} prompts")
@@ -258,8 +258,8 @@ class _AudioReader:
     """Audio at AUDIO_RATE from audio files, or from codes files decoded with the codec they record."""
 
     def __init__(self, device: str):
+        from valle_cli.codecs.decode import CodecCache
         from valle_cli.common import resolve_device
-        from valle_cli.decode import CodecCache
 
         self.codecs = CodecCache(resolve_device(device))
 
@@ -268,7 +268,7 @@ class _AudioReader:
         return self.codecs.for_codes(item, path.parent, str(path))
 
     def read(self, path: Path) -> np.ndarray:
-        from valle_cli.audio import load_audio
+        from valle_cli.codecs.audio import load_audio
 
         if path.suffix.lower() != ".npz":
             return load_audio(path, AUDIO_RATE, min_seconds=0.0)[0]  # a short output is scored, not refused
@@ -278,7 +278,7 @@ class _AudioReader:
 
     def resynthesise(self, path: Path, codec: Any) -> np.ndarray:
         """``path`` (audio or codes) through ``codec``: encode then decode."""
-        from valle_cli.audio import load_audio
+        from valle_cli.codecs.audio import load_audio
 
         wav = load_audio(path, codec.sample_rate)[0] if path.suffix.lower() != ".npz" else self._at(
             self.read(path), AUDIO_RATE, codec.sample_rate)
@@ -315,9 +315,9 @@ def evaluate(manifest: str | os.PathLike[str], outputs: str | os.PathLike[str], 
     ``audio_dir`` (a temporary folder when None) for write_report. ``on_progress`` counts scored audios.
     ``held_out`` names voices the model never trained on (``held_out_voices`` of a shard set): the
     summary then also gives every mean for those voices and for the others apart (``by_voice``)."""
-    from valle_cli.audio import wav_bytes
-    from valle_cli.sample import read_sample_manifest
-    from valle_cli.similarity import make_encoder
+    from valle_cli.codecs.audio import wav_bytes
+    from valle_cli.evaluation.similarity import make_encoder
+    from valle_cli.generation.synthesizer import read_sample_manifest
 
     if lm not in LMS:
         raise InputError(f"unknown language model {lm!r}: expected one of {', '.join(LMS)}")
@@ -406,7 +406,7 @@ def voice_of(item: Item) -> str:
 
 def held_out_voices(shards: str | os.PathLike[str]) -> list[str]:
     """Speakers of a shard set's validation split that have no training utterance (valle shard --split-by speaker)."""
-    from valle_cli.shards import ShardSet
+    from valle_cli.data.shards import ShardSet
 
     index = ShardSet(shards).index
     train = set(index.filter(index["split"] == "train")["speaker"].to_list())
@@ -497,7 +497,7 @@ def spectrogram_png(wav: np.ndarray, path: Path, sample_rate: int = AUDIO_RATE) 
 
 def training_curves(run: str | os.PathLike[str], path: Path) -> bool:
     """run/curves.png copied to ``path``, or redrawn from run/log.jsonl (run/ is not written); False if neither."""
-    from valle_cli.train import CURVES_FILE, LOG_FILE, plot_curves
+    from valle_cli.training.loop import CURVES_FILE, LOG_FILE, plot_curves
 
     run = Path(run)
     if not run.is_dir():

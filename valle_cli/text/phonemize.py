@@ -1,8 +1,8 @@
 """Transcripts to phonemes: espeak-ng IPA, and the whole ``phonemize`` stage as one function.
 
-``phonemize_corpus(source)`` reads transcripts (``valle_cli.transcripts``), cleans and normalises
-them (``prepare_text``, see ``valle_cli.textnorm``), phonemizes them in batched espeak-ng calls
-(``phonemize``), builds or reuses a tokenizer (``valle_cli.tokenizers``) and returns the rows of a
+``phonemize_corpus(source)`` reads transcripts (``valle_cli.text.transcripts``), cleans and normalises
+them (``prepare_text``, see ``valle_cli.text.normalize``), phonemizes them in batched espeak-ng calls
+(``phonemize``), builds or reuses a tokenizer (``valle_cli.text.tokenizers``) and returns the rows of a
 phonemes file. Rows that cannot be used (empty transcripts, text with nothing speakable, symbols a
 reused vocabulary lacks, duplicate ids) are collected and raised together as one ``TextError``,
 or skipped and reported with ``skip_bad``. ``text_to_tokens`` does the same for one sentence
@@ -27,9 +27,9 @@ from typing import Any
 
 from valle_cli.errors import InputError, TextError
 from valle_cli.formats import display_name
-from valle_cli.textnorm import clean_text, describe_removed, normalize_english
-from valle_cli.tokenizers import PhonemeTokenizer, Tokenizer, tokenizer_from_meta, train_bpe
-from valle_cli.transcripts import BadRow, Row, read_transcripts
+from valle_cli.text.normalize import clean_text, describe_removed, normalize_english
+from valle_cli.text.tokenizers import PhonemeTokenizer, Tokenizer, tokenizer_from_meta, train_bpe
+from valle_cli.text.transcripts import BadRow, Row, read_transcripts
 
 __all__ = ["phonemize_corpus", "phonemize", "prepare_text", "read_transcripts", "text_to_tokens",
            "list_languages", "espeak_version", "PhonemizedCorpus", "PhonemizeReport"]

@@ -507,8 +507,8 @@ def score_codes_folder(folder: str | Path, params: ChunkParams = ChunkParams(), 
     """
     import polars as pl
 
-    from valle_cli.audio import load_audio
     from valle_cli.codecs import same_codec
+    from valle_cli.codecs.audio import load_audio
 
     start = time.perf_counter()
     manifest_path, manifest = load_manifest(folder)

@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 
 from valle_cli import checkpoint as ckpt
-from valle_cli import tasks
 from valle_cli.common import config_from_dict, config_to_dict
+from valle_cli.data import tasks
 from valle_cli.errors import InputError, ValleError
 from valle_cli.model.config import ModelConfig, override
 
@@ -205,7 +205,7 @@ def window_sampler(data: Any, config: TrainConfig, dist: Distributed, seed_offse
 
     from valle_cli import formats
     from valle_cli.codecs import check_same_codec
-    from valle_cli.sampler import PriorityWindowSampler
+    from valle_cli.data.batching import PriorityWindowSampler
 
     index = data.index
     frames = index["frames"].to_numpy()
@@ -452,13 +452,13 @@ class TaskMeter:
         return out
 
 
-def evaluate(model: Any, data: Any, task_config: tasks.TaskConfig, model_config: ModelConfig,
+def validate(model: Any, data: Any, task_config: tasks.TaskConfig, model_config: ModelConfig,
              train_config: TrainConfig, device: str, dtype: Any) -> dict[str, Any] | None:
     """Loss and accuracy per task on the validation split: the same batches and tasks at every evaluation."""
     import torch
 
+    from valle_cli.data.batching import TokenBudgetBatchSampler
     from valle_cli.model.valle import Batch
-    from valle_cli.sampler import TokenBudgetBatchSampler
 
     if len(data) == 0:
         return None
@@ -508,9 +508,9 @@ def train(shards: str | os.PathLike[str], out: str | os.PathLike[str], model_con
     import torch
 
     from valle_cli.common import resolve_device
+    from valle_cli.data.batching import TokenBudgetBatchSampler
+    from valle_cli.data.shards import ShardSet
     from valle_cli.model.valle import Batch, count_parameters
-    from valle_cli.sampler import TokenBudgetBatchSampler
-    from valle_cli.shards import ShardSet
 
     start_time = time.perf_counter()
     out = Path(out)
@@ -701,7 +701,7 @@ def train(shards: str | os.PathLike[str], out: str | os.PathLike[str], model_con
             is_best = False
             if step % train_config.eval_every == 0 or step == train_config.max_steps:
                 if dist.main:  # rank 0 evaluates; the others wait for its verdict below
-                    result = evaluate(model, val_data, task_config, model_config, train_config, device, dtype)
+                    result = validate(model, val_data, task_config, model_config, train_config, device, dtype)
                     if result is not None:
                         append_log(out, {"step": step, "split": "val", **result, "time": time.time()})
                         is_best = best is None or result["loss"] < best

@@ -9,7 +9,7 @@ from itertools import islice
 import numpy as np
 import pytest
 
-from valle_cli.sampler import (
+from valle_cli.data.batching import (
     PriorityWindowSampler,
     TokenBudgetBatchSampler,
     batch_stats,

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from valle_cli import formats
-from valle_cli.audio import wav_bytes
 from valle_cli.codecs import Codec, check_same_codec, codec_from_spec, codec_identity
+from valle_cli.codecs.audio import wav_bytes
 from valle_cli.errors import PartialFailure, ValleError
 
 

@@ -1,7 +1,7 @@
 """``valle sample``: text + a voice prompt -> codes, with a trained checkpoint (the library side).
 
-    sampler = Sampler.load("run/", device="cpu")
-    item = sampler.tts("Hello there. How are you?", prompts=["ref.wav"], config=GenerateConfig())
+    synth = Synthesizer.load("run/", device="cpu")
+    item = synth.tts("Hello there. How are you?", prompts=["ref.wav"], config=GenerateConfig())
     formats.write_codes("out.npz", item)
 
 A prompt is audio (encoded with the checkpoint's codec) or codes (.npz, which must come from the
@@ -27,7 +27,7 @@ from valle_cli import checkpoint as ckpt
 from valle_cli import formats
 from valle_cli.codecs import check_same_codec, codec_from_spec
 from valle_cli.errors import InputError
-from valle_cli.generate import (
+from valle_cli.generation.generate import (
     GenerateConfig,
     GenerateStats,
     Request,
@@ -46,7 +46,7 @@ def split_sentences(text: str) -> list[str]:
 
 
 @dataclass
-class Sampler:
+class Synthesizer:
     model: Any  # CodecLM in eval mode
     meta: dict[str, Any]  # the checkpoint's config.json
     folder: Path  # the checkpoint folder
@@ -54,7 +54,7 @@ class Sampler:
     _codec: Any = None
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str = "cpu", which: str = "last") -> Sampler:
+    def load(cls, path: str | os.PathLike[str], device: str = "cpu", which: str = "last") -> Synthesizer:
         from valle_cli.model.load import load_model
 
         folder = ckpt.resolve_checkpoint(path, which)
@@ -99,7 +99,7 @@ class Sampler:
                 check_same_codec(self.meta["codec"], item.codec, f"prompt {name}")
                 codes = np.asarray(item.codes, np.int64)
             else:
-                from valle_cli.quantize import quantize_file
+                from valle_cli.codecs.quantize import quantize_file
 
                 codes = np.asarray(quantize_file(prompt, self.codec(), name=name).codes, np.int64)
             if codes.shape[0] != k:
@@ -111,7 +111,7 @@ class Sampler:
         return joined
 
     def text_tokens(self, text: str) -> np.ndarray:
-        from valle_cli.text import text_to_tokens
+        from valle_cli.text.phonemize import text_to_tokens
 
         meta = {"tokenizer": self.meta["tokenizer"], "settings": self.meta.get("text_settings", {})}
         _, tokens = text_to_tokens(text, meta)

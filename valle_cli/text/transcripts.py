@@ -137,7 +137,7 @@ def _is_header(fields: list[str]) -> bool:
 
 def _table_id(first: str) -> str:
     """'wavs/LJ001-0001.wav' -> 'wavs/LJ001-0001'; a plain id stays as it is."""
-    from valle_cli.audio import AUDIO_EXTENSIONS
+    from valle_cli.codecs.audio import AUDIO_EXTENSIONS
 
     path = first.replace("\\", "/")
     if path.lower().endswith(AUDIO_EXTENSIONS):
@@ -147,7 +147,7 @@ def _table_id(first: str) -> str:
 
 def _read_folder(folder: Path) -> Transcripts:
     """<id>.txt / .lab beside <id>.wav (recursive); ids are paths relative to the folder, no extension."""
-    from valle_cli.audio import find_audio
+    from valle_cli.codecs.audio import find_audio
 
     audio = {p.relative_to(folder).with_suffix("").as_posix() for p in find_audio(folder)}
     best: dict[str, tuple[int, Path]] = {}

@@ -9,7 +9,7 @@ demasking level 0 on a cosine schedule: every round samples every masked frame, 
 sample by its *unfiltered* probability, keeps the best and re-masks the rest; a kept token is
 never re-masked (seed 000: without this the output stutters). CFG strength >= 2 there by default.
 
-Samplers (``SamplerConfig``, one per pass): repetition penalty over a window with decay, length
+Samplers (``SamplingParams``, one per pass): repetition penalty over a window with decay, length
 penalty on the stop token, min-p, top-k, top-p, temperature (<= 0: greedy), classifier-free
 guidance ``c + s * (c - u)`` with std rescaling (s = 0 is plain sampling). Draws use the
 exponential-race trick on a seeded generator: no host synchronisation per step (finished rows
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from valle_cli import tasks
+from valle_cli.data import tasks
 from valle_cli.errors import InputError
 from valle_cli.model.masks import decode_step_mask, prefix_bidirectional_mask
 from valle_cli.model.valle import Batch, CodecLM
@@ -39,7 +39,7 @@ MODES = ("ar+nar", "nar-len", "auto")
 
 
 @dataclass(frozen=True)
-class SamplerConfig:
+class SamplingParams:
     temperature: float = 1.0  # <= 0: greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
@@ -55,9 +55,9 @@ class SamplerConfig:
 @dataclass(frozen=True)
 class GenerateConfig:
     mode: str = "auto"  # ar+nar | nar-len | auto (ar+nar when the model has the AR capability)
-    ar: SamplerConfig = SamplerConfig(temperature=1.0, top_k=0, repetition_penalty=1.0)
-    nar: SamplerConfig = SamplerConfig(temperature=0.0)
-    demask: SamplerConfig = SamplerConfig(temperature=1.0, cfg_strength=2.5)  # NAR-len level 0
+    ar: SamplingParams = SamplingParams(temperature=1.0, top_k=0, repetition_penalty=1.0)
+    nar: SamplingParams = SamplingParams(temperature=0.0)
+    demask: SamplingParams = SamplingParams(temperature=1.0, cfg_strength=2.5)  # NAR-len level 0
     max_frames: int = 2250  # AR stops here at the latest (30 s at 75 frames/s)
     min_frames: int = 1  # the stop token is banned before this many frames
     steps: int = 25  # NAR-len demasking rounds
@@ -98,7 +98,7 @@ def guide(cond: Tensor, uncond: Tensor | None, strength: float, rescale: float) 
     return guided
 
 
-def apply_repetition_penalty(logits: Tensor, history: Tensor | None, config: SamplerConfig) -> Tensor:
+def apply_repetition_penalty(logits: Tensor, history: Tensor | None, config: SamplingParams) -> Tensor:
     """logits (B, V); history (B, H) previous tokens, newest last (-1 = none)."""
     if config.repetition_penalty == 1.0 or history is None or history.shape[1] == 0:
         return logits
@@ -112,7 +112,7 @@ def apply_repetition_penalty(logits: Tensor, history: Tensor | None, config: Sam
     return torch.where(logits > 0, logits / factor, logits * factor)
 
 
-def filter_logits(logits: Tensor, config: SamplerConfig) -> Tensor:
+def filter_logits(logits: Tensor, config: SamplingParams) -> Tensor:
     """min-p, top-k, top-p on (B, V) logits: filtered entries become -inf."""
     if config.min_p > 0:
         probs = logits.softmax(-1)
@@ -137,7 +137,7 @@ def draw(logits: Tensor, temperature: float, generator: torch.Generator | None) 
     return (probs / noise).argmax(-1)
 
 
-def sample_tokens(logits: Tensor, config: SamplerConfig, generator: torch.Generator | None,
+def sample_tokens(logits: Tensor, config: SamplingParams, generator: torch.Generator | None,
                   history: Tensor | None = None, uncond: Tensor | None = None, step: int = 0,
                   stop: int | None = None) -> Tensor:
     """The whole sampler for one step: CFG, repetition and length penalties, filters, draw. (B, V) -> (B,)."""

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from valle_cli import formats
-from valle_cli.audio import AUDIO_EXTENSIONS
+from valle_cli.codecs.audio import AUDIO_EXTENSIONS
 from valle_cli.common import torch_threads
 from valle_cli.errors import AudioError, CodecError, InputError, ValleError
 
@@ -191,14 +191,14 @@ class _AudioInput:
 
     def audio(self, path: Path) -> np.ndarray:  # (S,) float32 at EMBED_RATE
         if path.suffix.lower() != ".npz":
-            from valle_cli.audio import load_audio
+            from valle_cli.codecs.audio import load_audio
 
             # Any non-empty clip is scored: a generated output that stopped after a frame or two scores
             # badly, it does not end the run (the 50 ms floor of training data does not apply here).
             return _at_least(load_audio(path, EMBED_RATE, min_seconds=0.0)[0], MIN_EMBED_SAMPLES)
         import soxr
 
-        from valle_cli.decode import CodecCache, decode_item
+        from valle_cli.codecs.decode import CodecCache, decode_item
 
         if self._codecs is None:
             self._codecs = CodecCache(_resolve(self._device))
@@ -269,10 +269,10 @@ class CodesEncoder:
     name = "codes"
 
     def __init__(self, checkpoint: str | os.PathLike[str], device: str):
-        from valle_cli.sample import Sampler
+        from valle_cli.generation.synthesizer import Synthesizer
 
         self._device = _resolve(device)
-        self._sampler = Sampler.load(checkpoint, self._device)
+        self._sampler = Synthesizer.load(checkpoint, self._device)
         self._model = self._sampler.model
 
     def codes(self, path: Path) -> np.ndarray:
@@ -284,7 +284,7 @@ class CodesEncoder:
             check_same_codec(self._sampler.meta["codec"], item.codec, str(path))
             codes = np.asarray(item.codes, np.int64)
         else:
-            from valle_cli.quantize import quantize_file
+            from valle_cli.codecs.quantize import quantize_file
 
             codes = np.asarray(quantize_file(path, self._sampler.codec(), name=str(path)).codes, np.int64)
         k, size = self._model.config.n_codebooks, self._model.prompt_emb[0].num_embeddings

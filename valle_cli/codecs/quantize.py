@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from valle_cli import formats
-from valle_cli.audio import find_audio, load_audio
 from valle_cli.codecs import Codec, check_same_codec, frames_for
+from valle_cli.codecs.audio import find_audio, load_audio
 from valle_cli.common import torch_threads
 from valle_cli.errors import AudioError, InputError, PartialFailure, ValleError
 
