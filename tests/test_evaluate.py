@@ -15,7 +15,9 @@ import pytest
 from conftest import REPO, run_valle
 
 from valle_cli.codecs.audio import load_audio
+from valle_cli.evaluation import asr
 from valle_cli.evaluation import evaluate as ev
+from valle_cli.evaluation.report import write_report
 
 pytest.importorskip("pocketsphinx")
 pytest.importorskip("jiwer")
@@ -53,24 +55,24 @@ def text_of(wav: Path) -> str:
 def test_closed_language_models_recognise_espeak_speech(espeak_corpus):
     wavs = sorted(espeak_corpus.rglob("*.wav"))  # 12 utterances, about 38 s
     texts = [text_of(p) for p in wavs]
-    audio = [load_audio(p, ev.ASR_RATE)[0] for p in wavs]
-    refs = [ev.normalise_text(t) for t in texts]
+    audio = [load_audio(p, asr.ASR_RATE)[0] for p in wavs]
+    refs = [asr.normalise_text(t) for t in texts]
     wer = {}
-    for lm in ev.LMS:
-        hyps = ev.recognise(audio, ev.ASR_RATE, texts, lm)
-        wer[lm] = np.mean([ev.error_rates(r, h)[0] for r, h in zip(refs, hyps, strict=True)])
+    for lm in asr.LMS:
+        hyps = asr.recognise(audio, asr.ASR_RATE, texts, lm)
+        wer[lm] = np.mean([asr.error_rates(r, h)[0] for r, h in zip(refs, hyps, strict=True)])
     assert wer["unigram"] < 0.85  # measured 0.61 (pocketsphinx's own LM: nearly 1)
     assert wer["bigram"] < wer["unigram"] + 0.05  # measured 0.36
 
 
 def test_text_normalisation_and_language_models():
-    assert ev.normalise_text("Seven apples, at 10:30 -- Dr. Smith's 3 dogs!") == \
+    assert asr.normalise_text("Seven apples, at 10:30 -- Dr. Smith's 3 dogs!") == \
         "seven apples at ten thirty doctor smith's three dogs"
-    arpa = ev.arpa_lm([["a", "b"], ["a", "c"]], "bigram")
+    arpa = asr.arpa_lm([["a", "b"], ["a", "c"]], "bigram")
     assert "ngram 1=5" in arpa and "ngram 2=5" in arpa and "\\2-grams:" in arpa
     p_ab = 10 ** float(next(line for line in arpa.splitlines() if line.endswith(" a b")).split()[0])
     assert np.isclose(p_ab, (1 - 0.5) / 2)  # seen once of twice after "a", less the discount
-    unigram = ev.arpa_lm([["a", "b"], ["a", "c"]])
+    unigram = asr.arpa_lm([["a", "b"], ["a", "c"]])
     assert "ngram 2" not in unigram and np.isclose(10 ** float(unigram.splitlines()[5].split()[0]), 2 / 6)
 
 
@@ -150,7 +152,7 @@ def test_library_report_of_wav_outputs(same_files, tmp_path):
     report = ev.evaluate(same_files / "rows.csv", same_files / "samples", lm="bigram", encoder="mfcc")
     assert [i.id for i in report.items][:2] == ["spk00_0000", "spk00_0001"]
     assert set(report.items[0].audio) == {"prompt", "output"} and report.summary["ratios"] == {}
-    index = ev.write_report(report, tmp_path / "r")
+    index = write_report(report, tmp_path / "r")
     assert index.is_file() and (tmp_path / "r" / "scores.csv").is_file()
 
 
@@ -208,7 +210,7 @@ def test_an_output_of_a_few_frames_is_scored_not_refused(same_files, tmp_path):
     assert report.summary["counts"] == {"rows": 7, "scored": 6, "missing": 1, "failed": 0}
     short = next(i for i in report.items if i.id == "spk01_0000")
     assert short.scores["output"].wer >= 0.8 and np.isfinite(short.scores["output"].sim)
-    index = ev.write_report(report, tmp_path / "report")
+    index = write_report(report, tmp_path / "report")
     assert index.is_file() and len(list((tmp_path / "report" / "img").glob("*spk01_0000*.png"))) == 2
 
 

@@ -91,6 +91,7 @@ def command(
         return
 
     from valle_cli.evaluation import evaluate as ev
+    from valle_cli.evaluation.report import write_report
     from valle_cli.generation.synthesizer import read_sample_manifest
 
     ev.require_tools()
@@ -103,7 +104,7 @@ def command(
                              audio_dir=out / "audio", held_out=held_out, on_progress=advance)
     _warn(report.summary, outputs)
     with progress("report", total=len(report.items), unit="items") as advance:
-        index = ev.write_report(report, out, run=run, on_progress=advance)
+        index = write_report(report, out, run=run, on_progress=advance)
     if run is not None and not (out / "img" / "curves.png").exists():
         Log.warn(f"{run}: no curves.png nor log.jsonl, the page has no training curves")
     for line in _describe(report.summary):
