@@ -19,7 +19,7 @@ default demasking sampler with CFG 2.5 for NAR-len). One short untimed run per m
    NAR pass each, and the real-time factor RTF = (AR + NAR wall time) / audio seconds. The ratio of
    the AR ms/frame at the longest output to that at the shortest shows how flat the cached cost is.
 2. The cache against no cache (``GenerateConfig(use_cache=False)``: the whole sequence recomputed
-   for every frame, as the anchor project does). First single AR steps with n frames already made
+   for every frame, as e-c-k-e-r/vall-e does). First single AR steps with n frames already made
    (cached: one token against the KV cache; no cache: a forward of the whole prefix + n sequence;
    both with the mask, the AR head and the draw). Then whole no-cache runs for every length up to
    ``--no-cache-max-seconds``; longer ones are skipped and estimated from the single steps (the

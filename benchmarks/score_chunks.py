@@ -7,7 +7,7 @@
 
 Makes a corpus with examples/make_corpus.py, quantizes it with a small built-in codec, then times
 score_codes_folder on three layouts of the same audio: the utterances as they are (many short
-sources), the same audio joined into one long source per speaker (the attn_demo case), and,
+sources), the same audio joined into one long source per speaker (long recordings, as in music), and,
 with --decoded, the utterances with their audio gone so features come from decoded codes.
 Wall time covers everything the verb does: manifest, codes, audio loading and resampling,
 features, scores and the DataFrame (not the parquet write).

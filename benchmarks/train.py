@@ -9,9 +9,10 @@
 For every requested arch (transformer, llama, mixtral) and preset this builds a ``CodecLM`` (8
 codebooks of 1024 codes, a text vocabulary of 256; mixtral with ``--moe-experts`` experts, top
 ``--moe-top-k``) and times full optimizer steps as ``valle train`` runs them: forward and backward
-under bf16 autocast on CUDA (fp32 on CPU), gradient clipping, an AdamW step (``train.build_optimizer``)
-and zero_grad. ``--warmup`` untimed steps come first. With ``--compile`` the compiled model also runs
-every timed batch once untimed before the timing (the warmup column then holds the compilation):
+under bf16 autocast on CUDA (fp32 on CPU), gradient clipping, the NaN guard's finite check (the
+loop's one host sync per step), an AdamW step (``training.loop.build_optimizer``) and zero_grad.
+``--warmup`` untimed steps come first. With ``--compile`` the compiled model also runs every timed
+batch once untimed before the timing (the warmup column then holds the compilation):
 dynamo specialises on the batch size and on the tasks present in a batch, so a new combination
 recompiles (up to its recompile limit, then that code runs eagerly, as it would in ``valle train``).
 
@@ -153,12 +154,13 @@ def bench(config: ModelConfig, batches: list[tasks.SequenceBatch], args: argpars
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
 
-    def step(batch: Batch) -> None:  # as in train.train: autocast, backward, clip, AdamW, zero_grad
+    def step(batch: Batch) -> None:  # as in training.loop: autocast, backward, clip, NaN guard, AdamW, zero_grad
         with torch.autocast(device.split(":")[0], dtype=dtype or torch.float32, enabled=dtype is not None):
             out = step_model(batch)
             out.loss.backward()
-        float(out.loss.detach())  # the training loop reads the loss every step
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.clip)
+        # the loop's one host sync per step: the NaN guard's finite flag (the loss stays on the device)
+        bool((torch.isfinite(out.loss.detach()) & torch.isfinite(grad_norm)).item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -206,7 +208,8 @@ def describe(error: Exception) -> str:
     return text if len(text) <= 100 else text[:97] + "..."
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line, with the device-dependent defaults filled in."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda | cuda:N")
     parser.add_argument("--arch", action="append", choices=ARCHES, help="repeatable (default: all three)")
@@ -225,14 +228,20 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 0 or args.batch_tokens < 0:
         parser.error("--steps and --batch-tokens must be positive")
-    started = time.perf_counter()
     args.device = resolve_device(args.device)
     cuda = args.device.startswith("cuda")
-    archs = args.arch or list(ARCHES)
-    presets = args.preset or (["small", "base", "full"] if cuda else ["tiny", "small"])
+    args.arch = args.arch or list(ARCHES)
+    args.preset = args.preset or (["small", "base", "full"] if cuda else ["tiny", "small"])
     args.batch_tokens = args.batch_tokens or (32768 if cuda else 2000)
     args.steps = args.steps or (20 if cuda else 5)
     args.warmup = args.warmup if args.warmup >= 0 else (5 if cuda else 2)
+    return args
+
+
+def main() -> None:
+    started = time.perf_counter()
+    args = parse_args()
+    cuda = args.device.startswith("cuda")
 
     precision = autocast_dtype("auto", args.device) or torch.float32
     label = torch.cuda.get_device_name(args.device) if cuda else f"cpu, {torch.get_num_threads()} threads"
@@ -249,8 +258,8 @@ def main() -> None:
     header = (f"{'arch':<12}{'preset':<7}{'mode':<8}{'params M':>9}{'rows':>6}{'seq':>6}{'tokens/s':>10}"
               f"{'step ms':>9}{'warmup s':>9}{memory:>12}")
     print(header + (f"{'MFU':>7}" if cuda else ""))
-    for arch in archs:
-        for preset_name in presets:
+    for arch in args.arch:
+        for preset_name in args.preset:
             for compiled in [False, True] if args.compile else [False]:
                 row = f"{arch:<12}{preset_name:<7}{'compile' if compiled else 'eager':<8}"
                 try:

@@ -199,7 +199,11 @@ def make_corpus(out_dir: str | Path, n_speakers: int = 6, per_speaker: int = 20,
                         espeak, overwrite)
     rows = ["speaker\tvoice\tpitch\tpitch_range\trate"]
     rows += [f"{v.speaker}\t{v.name}\t{v.pitch}\t{v.pitch_range}\t{v.rate}" for v in voices]
-    _write_atomic(out_dir / "speakers.tsv", lambda p: p.write_text("\n".join(rows) + "\n"))
+    table, speakers = "\n".join(rows) + "\n", out_dir / "speakers.tsv"
+    # An unchanged speakers.tsv keeps its time: pipelines/espeak.mk takes it for "the corpus is
+    # ready", and a newer one would make every file built from the corpus look stale.
+    if overwrite or not speakers.exists() or speakers.read_text() != table:
+        _write_atomic(speakers, lambda p: p.write_text(table))
     return paths
 
 

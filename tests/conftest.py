@@ -27,6 +27,21 @@ def run_valle(*args: str, input: bytes | None = None, cwd: Path | None = None, e
     )
 
 
+
+def ok(res: subprocess.CompletedProcess) -> str:
+    """stderr of a run that must have succeeded, whitespace folded."""
+    assert res.returncode == 0, res.stderr.decode()
+    return " ".join(res.stderr.decode().split())
+
+
+def one_error_line(res: subprocess.CompletedProcess) -> str:
+    """The one 'Error: ...' line of a run that must have failed with exit 1 and nothing on stdout."""
+    lines = [line for line in res.stderr.decode().splitlines() if line.strip()]
+    assert res.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: "), res.stderr.decode()
+    assert res.stdout == b""
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def espeak_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """corpus/<speaker>/<id>.wav + .txt: 3 voices x 4 sentences, made by examples/make_corpus.py."""

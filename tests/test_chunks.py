@@ -27,7 +27,7 @@ def chunk_times(s: chunks.SourceScores) -> np.ndarray:
 def test_chunk_frames_by_seconds_and_by_bpm():
     assert ChunkParams(chunk_seconds=1.0).chunk_frames(75.0) == 75
     assert ChunkParams().chunk_frames(75.0) == 56  # default 0.75 s: round(56.25)
-    # attn_demo's 165 BPM, 2 beats per chunk = 0.7273 s: round(54.55) = 55 frames (attn_demo truncated to 54)
+    # 165 BPM, 2 beats per chunk = 0.7273 s: round(54.55) = 55 frames (rounded, not truncated to 54)
     assert ChunkParams(bpm=165, beats_per_chunk=2).chunk_frames(75.0) == 55
     assert ChunkParams(bpm=120, beats_per_chunk=4).chunk_frames(50.0) == 100
     assert ChunkParams(chunk_seconds=0.001).chunk_frames(75.0) == 1  # never zero frames

@@ -5,17 +5,26 @@ from __future__ import annotations
 import errno
 import os
 import pty
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, run_valle
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
 VERBS = ["phonemize", "quantize", "decode"]
+ALL_VERBS = ["phonemize", "quantize", "score-chunks", "shard", "train", "sample", "decode", "similarity", "evaluate"]
 
 
 def test_help_is_fast_and_lists_only_real_verbs():
-    code = ("import sys, valle_cli.cli as c\n"
+    code = ("import sys, valle_cli, valle_cli.cli as c\n"
+            "assert 'Synthesizer' in dir(valle_cli) and valle_cli.__version__\n"
             "try:\n    c.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
             "heavy = [m for m in ('torch', 'transformers', 'polars', 'phonemizer', 'librosa') if m in sys.modules]\n"
             "print('HEAVY', heavy)\n")
@@ -111,3 +120,97 @@ def test_broken_pipe_exits_quietly(tmp_path):
     shell = f"{sys.executable} -m valle_cli phonemize {tmp_path / 't.txt'} -o - | head -c 10 >/dev/null"
     res = subprocess.run(["bash", "-o", "pipefail", "-c", shell], capture_output=True, env=env, timeout=120)
     assert b"Traceback" not in res.stderr and b"BrokenPipe" not in res.stderr
+
+
+def _help(verb: str, capsys) -> str:
+    from valle_cli.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main([verb, "--help"])
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("verb", ALL_VERBS)
+def test_help_placeholders_are_uppercase_names_not_python_types(verb, capsys):
+    text = _help(verb, capsys)
+    usage = text.splitlines()[0]
+    assert re.fullmatch(rf"Usage: valle {verb} \[OPTIONS\]( [\[{{][A-Z ]+[\]}}](\.\.\.)?)*", usage), usage
+    assert not re.search(r"<(str|int|float|bool|path|list\[[^>]*\]|\w+ range|[\w+-]+(\|[\w+-]+)+)>", text), text
+    # every option that takes a value names it: PATH, TEXT, INTEGER, FLOAT or [a|b]
+    for line in text.split("\nOptions:\n", 1)[1].splitlines():
+        value = re.match(r"  (?:-\w, )?--[\w-]+ ([^\s/]\S*)", line)
+        if value:
+            assert re.fullmatch(r"[A-Z_=]+|\[[^\]]+\]", value.group(1)), line
+
+
+def _usage_error(*args: str) -> str:
+    res = run_valle(*args)
+    err = res.stderr.decode()
+    assert res.returncode == 2 and res.stdout == b"", err
+    assert err.count(" for help.") == 1 and "(see valle" not in err, err  # the help hint once
+    return err
+
+
+def test_a_misspelled_option_gets_the_closest_suggestion(tmp_path):
+    err = _usage_error("decode", tmp_path / "x.npz", "--outt", "y.wav")
+    assert "Error: No such option: --outt Did you mean --out?" in err
+    err = _usage_error("train", tmp_path, "--max-step", "3")
+    assert "Error: No such option: --max-step Did you mean --max-steps?" in err
+    assert "Did you mean" not in _usage_error("quantize", tmp_path, "-o", tmp_path / "c", "--zzzz")
+
+
+def test_a_misspelled_option_of_sample_gets_the_closest_suggestion(tmp_path):
+    # sample reads its sampler flags itself (--top-k, --ar-temperature, ...): an unknown one is still a usage error
+    err = _usage_error("sample", tmp_path, "--promt", "x.wav", "--text", "Hi.", "-o", tmp_path / "y.npz")
+    assert "Error: No such option: --promt Did you mean --prompt?" in err
+    assert "Invalid value" not in err
+
+
+def test_an_unrelated_flag_gets_no_suggestion(tmp_path):
+    # compared with their dashes, every long option looks like --bogus ("--" in common): it must not suggest --out
+    err = _usage_error("sample", tmp_path, "--bogus", "1", "-o", tmp_path / "y.npz")
+    assert "No such option: --bogus" in err and "Did you mean" not in err
+
+
+@pytest.mark.parametrize("verb", ["quantize", "score-chunks", "train", "sample", "decode", "similarity", "evaluate"])
+def test_a_bad_device_is_a_usage_error_in_every_verb(verb, tmp_path):
+    args = {"similarity": ["a.wav", "b.wav"], "evaluate": ["rows.csv", tmp_path, "-o", tmp_path / "r"],
+            "train": [tmp_path, "-o", tmp_path / "run"], "sample": [tmp_path, "-o", "-"]}.get(
+        verb, [tmp_path, "-o", tmp_path / "out"])
+    err = _usage_error(verb, *args, "--device", "gpu")
+    assert "Invalid value for '--device': 'gpu': expected auto, cpu, cuda or cuda:N" in err
+
+
+def test_skip_existing_says_so_once_and_never_skips_stdout(tmp_path, capsys):
+    from valle_cli.cli.options import Log, skip_existing
+
+    Log.configure(quiet=False, verbose=0)
+    out = tmp_path / "out.npz"
+    assert not skip_existing(out, overwrite=False)  # nothing there yet
+    out.touch()
+    assert not skip_existing(out, overwrite=True)
+    assert capsys.readouterr().err == ""
+    assert skip_existing(out, overwrite=False, redo="refit")
+    assert capsys.readouterr().err.strip() == f"{out} exists, skipping (--overwrite to refit)"
+    assert not skip_existing(Path("-"), overwrite=False)
+
+
+def test_every_public_name_resolves_lazily():
+    code = ("import sys, valle_cli\n"
+            "assert 'torch' not in sys.modules\n"
+            "assert set(valle_cli.__all__) == {'__version__', *valle_cli._EXPORTS}\n"
+            "missing = [n for n in valle_cli.__all__ if getattr(valle_cli, n, None) is None]\n"
+            "assert not missing, missing\n"
+            "assert valle_cli.Synthesizer.__module__ == 'valle_cli.generation.synthesizer'\n"
+            "try:\n    valle_cli.no_such_name\nexcept AttributeError:\n    print('OK')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert res.stdout.strip() == "OK", res.stderr
+
+
+def test_the_package_ships_py_typed_and_no_stale_data():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = project["tool"]["setuptools"]["package-data"]["valle_cli"]
+    assert "py.typed" in patterns and (REPO / "valle_cli" / "py.typed").is_file()
+    for pattern in patterns:  # every pattern ships a file that is not Python source
+        assert [p for p in (REPO / "valle_cli").glob(pattern) if p.suffix != ".py"], pattern

@@ -11,8 +11,8 @@ import pytest
 from conftest import run_valle
 
 from valle_cli import formats
-from valle_cli.data.chunks import ChunkParams, score_codes_folder
-from valle_cli.errors import CodecMismatchError, FormatError
+from valle_cli.data.chunks import ChunkParams, score_chunks, score_codes_folder
+from valle_cli.errors import CodecMismatchError, FormatError, PartialFailure
 
 TINY = ["--codebooks", "2", "--codebook-size", "32", "--fit-seconds", "20", "-q"]
 SCORE_COLUMNS = ["rms_db", "shape_flux", "magnitude_flux", "novelty", "stability", "priority", "void"]
@@ -124,6 +124,12 @@ def test_unreadable_source_is_listed_and_the_rest_written(work, tmp_path):
     df, meta = formats.read_chunk_scores(out)
     assert bad not in df["id"].to_list() and df["id"].n_unique() == 7
     assert list(meta["incomplete"]) == [bad]
+    # the library itself writes the good sources, then raises (the convention of quantize and decode)
+    lib_out = tmp_path / "lib.parquet"
+    with pytest.raises(PartialFailure, match="1 source") as info:
+        score_chunks(codes, lib_out, ChunkParams(), workers=2)
+    assert list(info.value.failures) == [bad]
+    assert formats.read_chunk_scores(lib_out)[0].equals(df)
 
 
 def test_a_folder_of_mixed_codecs_is_refused(work, tmp_path):
@@ -158,7 +164,7 @@ def test_bad_inputs_are_one_line_errors(work, tmp_path):
 
 def test_reading_foreign_or_damaged_chunk_scores_fails_clearly(work, tmp_path):
     pl.DataFrame({"id": ["a"]}).write_parquet(tmp_path / "plain.parquet")
-    with pytest.raises(FormatError, match="without the expected metadata"):
+    with pytest.raises(FormatError, match="without valle metadata"):
         formats.read_chunk_scores(tmp_path / "plain.parquet")
     with pytest.raises(FormatError, match="expected a chunk-scores file"):
         formats.read_chunk_scores(work / "codes" / "manifest.parquet")

@@ -10,7 +10,7 @@ from conftest import run_valle
 from synthetic import make_shards
 
 from valle_cli import checkpoint as ckpt
-from valle_cli.training.loop import read_log
+from valle_cli.formats import read_log
 
 FAST = ["--preset", "tiny", "--batch-tokens", "400", "--log-every", "1", "--eval-every", "3", "--save-every", "3",
         "--device", "cpu", "--set", "prompt_seconds=[0.4,0.8]"]
@@ -34,6 +34,30 @@ def test_help_starts_with_an_example_and_lists_the_knobs():
     for flag in ("--arch", "--preset", "--config", "--resume", "--lora-rank", "--compile", "--attention"):
         assert flag in text
     assert "train" in run_valle("--help").stdout.decode()
+    flat = " ".join(text.split())
+    for shown in ("--max-steps INTEGER Optimizer steps in all. [default: 1000]", "[default: small]",
+                  "Peak learning rate (AdamW). [default: 0.0003]", "[default: transformer]"):
+        assert shown in flat, flat
+
+
+def test_a_tiny_mixtral_trains_with_the_preset_moe_sizes(shards, tmp_path):
+    run = tmp_path / "run"
+    res = run_valle("train", shards, "-o", run, "--arch", "mixtral", "--max-steps", "2", *FAST)
+    assert res.returncode == 0, res.stderr.decode()
+    model = json.loads((run / "config.json").read_text())["model"]
+    assert (model["arch"], model["moe_experts"], model["moe_top_k"]) == ("mixtral", 4, 2)
+    assert [r["step"] for r in read_log(run) if r["split"] == "train"] == [1, 2]
+
+
+def test_tensorboard_audio_sample_is_decoded_by_the_run_codec(tiny_run):
+    """The user's pipeline (a fitted builtin codec): the run folder has events with an audio sample."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tiny_run / "run"), size_guidance={"audio": 0, "scalars": 0})
+    acc.Reload()
+    assert "train/loss" in acc.Tags()["scalars"] and "val/loss" in acc.Tags()["scalars"]
+    (sample,) = acc.Audio("val/sample")  # --eval-every 6 of 6 steps
+    assert sample.step == 6 and sample.sample_rate > 0 and sample.length_frames > 0
 
 
 def test_train_then_resume_through_the_cli(shards, tmp_path):

@@ -177,6 +177,26 @@ def test_decode_rejects_bad_codes(codec: BuiltinCodec) -> None:
         codec.decode([np.zeros(10, np.int16)])
 
 
+@pytest.mark.parametrize("frames", [1, 2, 7, 60])
+def test_istft_equals_torch_istft(codec: BuiltinCodec, frames: int) -> None:
+    """_istft with scale = 1 / the overlap-added squared window is torch.istft with the codec's settings
+    (periodic Hann window of n_fft, hop, center=True), on a spectrogram that no signal has (random phases)."""
+    c = codec.config
+    gen = torch.Generator().manual_seed(frames)
+    n_bins, length = c.n_fft // 2 + 1, frames * c.hop_length
+    spec = torch.polar(torch.rand(2, n_bins, frames + 1, generator=gen),
+                       torch.rand(2, n_bins, frames + 1, generator=gen) * 2 * torch.pi)  # (B, F, T + 1)
+    window2 = codec.window.square()[None, :, None].expand(2, -1, frames + 1)  # (B, n_fft, T + 1)
+    scale = 1 / codec._overlap_add(window2, length)  # (B, L)
+    ours = codec._istft(spec, scale)
+    theirs = torch.istft(spec, c.n_fft, c.hop_length, window=codec.window, center=True, length=length)
+    assert ours.shape == theirs.shape == (2, length)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6 * float(theirs.abs().max()))
+    # and it inverts _stft: a signal comes back from its own spectrogram
+    audio = torch.randn(2, length, generator=gen)
+    torch.testing.assert_close(codec._istft(codec._stft(audio), scale), audio, rtol=0, atol=1e-5)
+
+
 def test_encode_rejects_bad_audio(codec: BuiltinCodec) -> None:
     with pytest.raises(AudioError):
         codec.encode([np.full(1000, np.nan, np.float32)])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, run_valle
+from conftest import REPO, ok, one_error_line, run_valle
 
 from valle_cli.codecs.audio import load_audio
 from valle_cli.evaluation import asr
@@ -34,15 +34,6 @@ def valle(*args: object, hide: str | None = None) -> subprocess.CompletedProcess
                           env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
 
 
-def ok(res: subprocess.CompletedProcess) -> str:
-    assert res.returncode == 0, res.stderr.decode()
-    return " ".join(res.stderr.decode().split())
-
-
-def one_error_line(res: subprocess.CompletedProcess) -> str:
-    lines = [line for line in res.stderr.decode().splitlines() if line.strip()]
-    assert res.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: "), res.stderr.decode()
-    return lines[0]
 
 
 def text_of(wav: Path) -> str:

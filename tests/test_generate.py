@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
 import torch
 
+from valle_cli import formats
 from valle_cli.errors import InputError
 from valle_cli.generation.generate import (
     GenerateConfig,
@@ -22,6 +23,7 @@ from valle_cli.generation.generate import (
     synthesize,
     synthesize_long,
 )
+from valle_cli.generation.params import PASSES
 from valle_cli.model.config import preset
 from valle_cli.model.valle import CodecLM
 
@@ -245,3 +247,96 @@ def test_compiled_one_step_function_gives_the_eager_tokens():
     assert all(np.array_equal(a, b) for a, b in zip(eager, compiled, strict=True))
     with pytest.raises(InputError, match="--compile needs --arch transformer"):
         generate_ar(model_for("llama"), reqs, replace(GREEDY, compile=True))
+
+
+# ----------------------------------------------------------------------------- valle sample: the sampler flags
+
+
+def _sample_cli(capsys, *args) -> tuple[int, str, str]:
+    from valle_cli.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["sample", *map(str, args)])
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+def test_sample_help_lists_every_sampling_param_with_its_default_in_each_pass(capsys):
+    code, out, _ = _sample_cli(capsys, "--help")
+    text = " ".join(out.split())
+    assert code == 0 and "--NAME sets every pass; --ar-NAME, --nar-NAME or --demask-NAME sets one pass" in text
+    defaults = GenerateConfig()
+    for field in fields(SamplingParams):
+        per_pass = [f"{getattr(getattr(defaults, p), field.name):g}" for p in PASSES]
+        default = ", ".join(f"{p} {d}" for p, d in zip(PASSES, per_pass, strict=True))
+        if len(set(per_pass)) == 1:
+            default = per_pass[0]
+        kind = {int: "INTEGER", float: "FLOAT"}[type(field.default)]
+        meaning = " ".join(field.metadata["help"].split())
+        assert f"--{field.name.replace('_', '-')} {kind} {meaning} [default: {default}]" in text, field.name
+    assert "ar 1, nar 0, demask 1" in text and "ar 0, nar 0, demask 2.5" in text  # the passes differ here
+
+
+def test_every_sampler_flag_sets_every_pass_or_only_the_prefixed_one():
+    from valle_cli.cli.sample import generate_config
+
+    defaults = GenerateConfig()
+    for field in fields(SamplingParams):
+        flag, value = field.name.replace("_", "-"), type(field.default)("3")
+        everywhere = generate_config([f"--{flag}", "3"], "auto", 25)
+        assert all(getattr(getattr(everywhere, p), field.name) == value for p in PASSES), field.name
+        for chosen in PASSES:
+            one = generate_config([f"--{chosen}-{flag}=3"], "auto", 25)
+            for p in PASSES:
+                expected = value if p == chosen else getattr(getattr(defaults, p), field.name)
+                assert getattr(getattr(one, p), field.name) == expected, (chosen, field.name)
+
+
+@pytest.mark.parametrize(("typo", "meant"), [("--ar-temprature", "--ar-temperature"), ("--top-kk", "--top-k"),
+                                             ("--demsk-cfg-strength", "--demask-cfg-strength"),
+                                             ("--max-secnds", "--max-seconds")])
+def test_a_misspelled_sampler_flag_is_a_usage_error_that_suggests_the_flag(typo, meant, capsys, tmp_path):
+    code, out, err = _sample_cli(capsys, tmp_path, "--text", "Hi.", "--prompt", "x.wav", "-o", "-", typo, "0.8")
+    assert code == 2 and out == ""
+    assert f"No such option: {typo} Did you mean {meant}?" in err
+
+
+# ----------------------------------------------------------------------------- Synthesizer: a manifest of rows
+
+
+def test_a_manifest_writes_every_good_row_then_names_the_failed_ones(tiny_run, espeak_corpus, tmp_path):
+    from valle_cli.errors import PartialFailure
+    from valle_cli.generation.synthesizer import Synthesizer
+
+    synth = Synthesizer.load(tiny_run / "run")
+    prompt = sorted((espeak_corpus / "spk00").glob("*.wav"))[0]
+    table = tmp_path / "rows.csv"
+    table.write_text(f"a|Good morning.|{prompt}\nb|Hello.|{tmp_path / 'missing.wav'}\nc|One. And two.|{prompt}\n")
+    out = tmp_path / "out"
+    with pytest.raises(PartialFailure, match=r"1 row\(s\) of .*rows.csv failed \(2 sampled, 0 already done\)") as info:
+        synth.tts_manifest(table, out, GenerateConfig(max_frames=20), batch_size=2, seed=0)
+    assert list(info.value.failures) == ["b"] and "no such file" in info.value.failures["b"]
+    assert sorted(p.name for p in out.glob("*.npz")) == ["a.npz", "c.npz"]  # written before the error
+    assert len(formats.read_codes(out / "c.npz").extra["segments"]) == 2  # the long-form row, sentence by sentence
+    done = []
+    with pytest.raises(PartialFailure, match=r"\(0 sampled, 2 already done\)"):
+        synth.tts_manifest(table, out, GenerateConfig(max_frames=20), on_progress=done.append)
+    assert sum(done) == 3  # every row counted, the skipped ones included
+    (out / "a.npz").unlink()
+    table.write_text(f"a|Good morning.|{prompt}\nc|One. And two.|{prompt}\n")
+    report = synth.tts_manifest(table, out, GenerateConfig(max_frames=20))
+    assert (report.rows, report.written, report.skipped, report.failures) == (2, 1, 1, {})
+
+
+def test_the_codes_encoder_and_the_prompts_read_codes_the_same_way(tiny_run, espeak_corpus):
+    from valle_cli.evaluation.similarity import CodesEncoder
+
+    encoder = CodesEncoder(tiny_run / "run", "cpu")
+    wav = sorted((espeak_corpus / "spk00").glob("*.wav"))[0]
+    npz = sorted((tiny_run / "codes" / "spk00").glob("*.npz"))[0]
+    for path in (wav, npz):
+        assert np.array_equal(encoder.codes(path), encoder._synth.prompt_codes([path], None))
+    with pytest.raises(InputError, match="codes outside"):
+        bad = formats.read_codes(npz)
+        bad.codes[0, 0] = 64  # the tiny codec has 64 codes
+        encoder._synth.codes_of(formats.codes_to_bytes(bad))

@@ -74,6 +74,37 @@ def test_an_interrupted_training_resumes_and_new_shards_start_over(tmp_path):
     assert _train_line(work).endswith("--overwrite")
 
 
+def test_a_rerun_with_nothing_changed_remakes_nothing(tmp_path):
+    # the held-out set is written into the corpus folder too: it must not make the corpus look newer
+    settings = (f"WORK={tmp_path}", "SPEAKERS=1", "PER_SPEAKER=1", "EVAL_PER_SPEAKER=1")
+    rows = str(tmp_path / "eval" / "rows.csv")
+    res = make(rows, *settings)
+    assert res.returncode == 0, res.stderr.decode()
+    assert make("-q", rows, *settings).returncode == 0  # 0: up to date
+
+
+def _top(*args: str) -> str:
+    """The dry-run recipe lines of the top-level Makefile (a venv that does not exist: every step shows)."""
+    res = subprocess.run(["make", "-n", "-C", str(REPO), *args], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_torch_comes_from_pypi_unless_an_index_is_given(tmp_path):
+    venv = f"VENV={tmp_path / 'venv'}"
+    torch = next(line for line in _top("install", venv).splitlines() if "torch==" in line)
+    assert "--index-url" not in torch
+    cpu = "https://download.pytorch.org/whl/cpu"
+    torch = next(line for line in _top("install", venv, f"TORCH_INDEX_URL={cpu}").splitlines() if "torch==" in line)
+    assert torch.endswith(f"torch==2.13.0 --index-url {cpu}")
+
+
+def test_install_says_how_to_put_valle_on_path_and_lint_checks_the_layers(tmp_path):
+    venv = tmp_path / "venv"
+    assert f"'. {venv}/bin/activate'" in _top("install", f"VENV={venv}")
+    assert f"{venv}/bin/lint-imports" in _top("lint", f"VENV={venv}")
+
+
 def test_a_layout_without_its_path_says_so():
     res = make("demo", "LAYOUT=folder", dry=True)
     assert res.returncode != 0 and b"LAYOUT=folder needs CORPUS=" in res.stderr
@@ -119,6 +150,10 @@ def test_a_shortened_make_demo_runs_end_to_end(tmp_path):
     assert summary["by_voice"]["seen"]["means"]["output"]["n"] == 2
     page = (work / "report" / "index.html").read_text()
     assert page.count("<audio") >= 9 and "<img" in page
+    # a rerun with nothing changed has nothing to do
+    res = make("demo", f"WORK={work}", "SPEAKERS=3", "PER_SPEAKER=4", "EVAL_PER_SPEAKER=1", "STEPS=2",
+               "BATCH_TOKENS=2000", "DEVICE=cpu", "VAL_FRACTION=0.3", dry=True)
+    assert [line for line in res.stdout.decode().splitlines() if line.startswith((VALLE, sys.executable))] == []
 
     # a stopped run (no run/.done) goes on from its last checkpoint, here to a longer schedule
     (work / "run" / ".done").unlink()

@@ -160,7 +160,7 @@ def test_split_is_deterministic_and_independent_of_input_order(inputs, tmp_path)
     assert a.select("id", "split", "prompts").equals(b.select("id", "split", "prompts"))
     assert (tmp_path / "a" / "shard-000001.bin").read_bytes() == (tmp_path / "b" / "shard-000001.bin").read_bytes()
     build(codes, phonemes, tmp_path / "c", seed=1)
-    assert ShardSet(tmp_path / "c").index["id"].to_list() != a["id"].to_list()  # the seed moves the split
+    assert ShardSet(tmp_path / "c").index["id"].to_list() != a["id"].to_list()  # another --seed, another split
 
 
 def test_assign_split_counts():

@@ -13,24 +13,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from conftest import REPO, run_valle
+from conftest import REPO, ok, one_error_line, run_valle
 
 from valle_cli import formats
 from valle_cli.errors import InputError
 from valle_cli.evaluation import similarity as sim
-
-
-def ok(res: subprocess.CompletedProcess) -> str:
-    """stderr of a run that must have succeeded."""
-    assert res.returncode == 0, res.stderr.decode()
-    return " ".join(res.stderr.decode().split())
-
-
-def one_error_line(res: subprocess.CompletedProcess) -> str:
-    lines = [line for line in res.stderr.decode().splitlines() if line.strip()]
-    assert res.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: "), res.stderr.decode()
-    assert res.stdout == b""
-    return lines[0]
 
 
 def wavs(corpus: Path, speaker: str) -> list[Path]:

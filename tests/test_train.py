@@ -18,9 +18,10 @@ from synthetic import make_shards
 from valle_cli import checkpoint as ckpt
 from valle_cli.data.tasks import TaskConfig
 from valle_cli.errors import FormatError, InputError
+from valle_cli.formats import read_log
 from valle_cli.model.config import preset
 from valle_cli.model.load import load_model, merge_lora_checkpoint
-from valle_cli.training.loop import TrainConfig, TrainingError, lr_factor, read_log, train
+from valle_cli.training.loop import TrainConfig, TrainingError, lr_factor, train
 
 TINY = preset("tiny")
 TASKS = TaskConfig(prompt_seconds=(0.4, 0.8))
@@ -227,3 +228,71 @@ def test_compiled_backbone_trains_and_saves_plain_parameter_names(shards, tmp_pa
     assert report.steps == 2 and np.isfinite(report.last_loss)
     names = ckpt.load_weights(ckpt.resolve_checkpoint(run)).keys()
     assert not any("_orig_mod" in n for n in names) and "backbone.layers.0.attention.wq.weight" in names
+
+
+def events(run: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "audio": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_events_hold_the_logged_scalars_and_an_audio_sample(shards, tmp_path, monkeypatch, fake_codec):
+    from valle_cli.training import loop
+
+    monkeypatch.setattr(loop, "load_sample_codec", lambda data: fake_codec)  # the synthetic codes have no codec
+    run = tmp_path / "run"
+    train(shards, run, TINY, TASKS, replace(QUICK, max_steps=4), device="cpu")
+    acc = events(run)
+    scalars = acc.Tags()["scalars"]
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/ar/loss", "train/ar/acc",
+                "val/loss", "val/nar1/acc"):
+        assert tag in scalars, scalars
+    logged = [(r["step"], r["loss"]) for r in read_log(run) if r["split"] == "train"]
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(s, pytest.approx(v)) for s, v in logged]
+    (sample,) = acc.Audio("val/sample")  # eval_every=4: one evaluation, at step 4
+    assert sample.step == 4 and sample.sample_rate == fake_codec.sample_rate and sample.length_frames > 0
+
+    train(shards, run, TINY, TASKS, replace(QUICK, max_steps=2), device="cpu", overwrite=True)
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1  # the old run's events went with it
+    assert [e.step for e in events(run).Scalars("train/loss")] == [1, 2]
+
+
+def test_training_goes_on_without_tensorboard(shards, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises ImportError
+    with pytest.warns(UserWarning, match="tensorboard is not importable"):
+        report = train(shards, tmp_path / "run", TINY, TASKS, replace(QUICK, max_steps=2), device="cpu")
+    assert report.steps == 2 and not list((tmp_path / "run").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "base", "full"])
+def test_mixtral_gets_working_moe_sizes_at_every_preset(name):
+    from valle_cli.model.config import MOE_PRESETS
+    from valle_cli.training.config import resolve_config
+
+    model, _, _ = resolve_config(name, model={"arch": "mixtral"})
+    assert model.moe_experts == MOE_PRESETS[name]["moe_experts"] and 1 <= model.moe_top_k <= model.moe_experts
+    assert preset(name, arch="mixtral") == model
+    mine, _, _ = resolve_config(name, sets=["moe_experts=3"], model={"arch": "mixtral"})
+    assert (mine.moe_experts, mine.moe_top_k) == (3, 2)  # the user's count wins; top-k fits under it
+    one, _, _ = resolve_config(name, sets=["moe_experts=1"], model={"arch": "transformer"})
+    assert (one.moe_experts, one.moe_top_k) == (1, 1)
+    dense, _, _ = resolve_config(name, model={"arch": "llama"})
+    assert dense.moe_experts == 0
+
+
+def test_config_file_preset_is_used_unless_the_preset_flag_is_given(tmp_path):
+    from valle_cli.training.config import resolve_config
+
+    toml = tmp_path / "run.toml"
+    toml.write_text('[model]\npreset = "tiny"\nn_layers = 3\n')
+    model, _, _ = resolve_config(None, toml)
+    assert model == preset("tiny", n_layers=3)
+    model, _, _ = resolve_config("base", toml)  # the flag wins over the file
+    assert model == preset("base", n_layers=3)
+    model, _, _ = resolve_config(None)
+    assert model == preset("small")
+    toml.write_text('[model]\npreset = "huge"\n')
+    with pytest.raises(InputError, match="preset 'huge'"):
+        resolve_config(None, toml)

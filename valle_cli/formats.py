@@ -333,6 +333,40 @@ def read_phonemes(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
     return df, meta
 
 
+# ----------------------------------------------------------------------------- sample manifest (id|text|prompt rows)
+
+
+def read_sample_manifest(path: str | os.PathLike[str]) -> list[tuple[str, str, list[str]]]:
+    """(id, text, prompts) rows of an ``id|text|prompt`` table ('|', tab or ',' separated; '+' joins prompts).
+
+    The input of ``valle sample --manifest`` and ``valle evaluate``. A header row (id, text, prompt)
+    is skipped; relative prompt paths are relative to the table.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such manifest")
+    lines = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not lines:
+        raise InputError(f"{path}: empty manifest")
+    delimiter = next((d for d in ("|", "\t", ",") if all(d in line for line in lines)), None)
+    if delimiter is None:
+        raise InputError(f"{path}: expected id|text|prompt rows ('|', tab or ',' separated)")
+    rows, seen = [], set()
+    for number, line in enumerate(lines, 1):
+        cells = [c.strip() for c in line.split(delimiter)]
+        if number == 1 and [c.lower() for c in cells[:3]] == ["id", "text", "prompt"]:
+            continue
+        if len(cells) != 3 or not all(cells):
+            raise InputError(f"{path}:{number}: expected 3 non-empty fields id{delimiter}text{delimiter}prompt")
+        uid, text, prompt = cells
+        if uid in seen:
+            raise InputError(f"{path}:{number}: id {uid!r} appears twice")
+        seen.add(uid)
+        prompts = [str(p if Path(p).is_absolute() else path.parent / p) for p in prompt.split("+")]
+        rows.append((uid, text, prompts))
+    return rows
+
+
 # ----------------------------------------------------------------------------- training shards (.bin + index)
 # A shard is a fixed header then a flat little-endian uint16 body that np.memmap maps directly.
 # Each record is one utterance: its text tokens (L,) followed by its codes (K, T) row-major, so
@@ -532,13 +566,21 @@ def read_shard_index(folder: str | os.PathLike[str]) -> tuple[Any, dict[str, Any
     if not path.is_file():
         raise InputError(f"{path}: no shard index (not a finished 'valle shard' output)")
     df, meta = read_parquet(path, "shard-index")
-    if meta.get("format_version") != SHARD_INDEX_FORMAT_VERSION:
-        raise FormatError(f"{path}: shard index format version {meta.get('format_version')} is not supported "
-                          f"(this valle reads version {SHARD_INDEX_FORMAT_VERSION})")
-    missing = [c for c in SHARD_INDEX_SCHEMA if c not in df.columns]
-    if missing:
-        raise FormatError(f"{path}: shard index without column(s) {', '.join(missing)}")
+    _check_version(str(path), "shard index", meta, SHARD_INDEX_FORMAT_VERSION)
+    _check_columns(str(path), "shard index", df, SHARD_INDEX_SCHEMA)
     return df, meta
+
+
+def _check_version(name: str, what: str, meta: dict[str, Any], version: int) -> None:
+    if meta.get("format_version") != version:
+        raise FormatError(f"{name}: {what} format version {meta.get('format_version')} is not supported "
+                          f"(this valle reads version {version})")
+
+
+def _check_columns(name: str, what: str, df: Any, schema: dict[str, str]) -> None:
+    missing = [c for c in schema if c not in df.columns]
+    if missing:
+        raise FormatError(f"{name}: {what} without column(s) {', '.join(missing)}")
 
 
 def _polars_type(kind: str) -> Any:
@@ -589,30 +631,42 @@ def write_chunk_scores(path: str | os.PathLike[str], df: Any, params: dict[str, 
 
 def read_chunk_scores(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
     """(polars DataFrame, metadata) of a chunk-scores parquet, checked: kind, version, columns, params."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    df, meta = read_parquet(path, CHUNK_SCORES_KIND)
     name = display_name(path)
-    data = read_input_bytes(path)
-    try:
-        schema = pq.read_schema(pa.BufferReader(data))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise FormatError(f"{name}: not a readable parquet file ({e})") from None
-    try:
-        meta = json.loads((schema.metadata or {})[b"valle"])
-    except (KeyError, json.JSONDecodeError):
-        raise FormatError(f"{name}: parquet without the expected metadata (not made by valle score-chunks?)") \
-            from None
-    if meta.get("kind") != CHUNK_SCORES_KIND:
-        raise FormatError(f"{name}: expected a {CHUNK_SCORES_KIND} file, found {meta.get('kind')!r}")
-    if meta.get("format_version") != CHUNK_SCORES_FORMAT_VERSION:
-        raise FormatError(f"{name}: chunk-scores format version {meta.get('format_version')} is not supported "
-                          f"(this valle reads version {CHUNK_SCORES_FORMAT_VERSION})")
+    _check_version(name, "chunk-scores", meta, CHUNK_SCORES_FORMAT_VERSION)
     params = meta.get("params")
     if not isinstance(params, dict) or any(k not in params for k in _CHUNK_SCORES_PARAMS):
         raise FormatError(f"{name}: chunk scores without the expected metadata (params with "
                           f"{' and '.join(_CHUNK_SCORES_PARAMS)})")
-    missing = [c for c in CHUNK_SCORES_SCHEMA if c not in schema.names]
-    if missing:
-        raise FormatError(f"{name}: chunk scores without column(s) {', '.join(missing)}")
-    return _polars_from_parquet_bytes(data, name), meta
+    _check_columns(name, "chunk scores", df, CHUNK_SCORES_SCHEMA)
+    return df, meta
+
+
+# ----------------------------------------------------------------------------- training log (run/log.jsonl)
+
+LOG_FILE = "log.jsonl"  # one JSON object per line: {"step", "split": "train" | "val", "loss", "tasks", ...}
+CURVES_FILE = "curves.png"  # drawn from the log (valle_cli.training.curves)
+
+
+def append_log(run: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """Add one entry (a train log window or a validation) as a line of run/log.jsonl."""
+    with open(Path(run) / LOG_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_log(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every entry of run/log.jsonl in order ([] when the run has not logged yet)."""
+    path = Path(run) / LOG_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_log(run: str | os.PathLike[str], step: int) -> None:
+    """Drop entries past ``step``: a killed run may have logged steps its last checkpoint lacks."""
+    path = Path(run) / LOG_FILE
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))

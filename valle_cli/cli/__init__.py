@@ -13,13 +13,9 @@ import sys
 
 import typer
 
-try:  # typer >= 0.2x ships its own copy of click; older typers use click itself
-    from typer._click import exceptions as click_errors
-except ImportError:  # pragma: no cover
-    from click import exceptions as click_errors
-
 from valle_cli import __version__
 from valle_cli.cli import decode, evaluate, phonemize, quantize, sample, score_chunks, shard, similarity, train
+from valle_cli.cli.options import click_errors, suggest_closest, uppercase_placeholders
 
 app = typer.Typer(
     name="valle",
@@ -70,13 +66,17 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn every outcome into the right exit code."""
     command = typer.main.get_command(app)
+    uppercase_placeholders(command)
     debug = bool(os.environ.get("VALLE_DEBUG"))
     try:
         command.main(args=argv, prog_name="valle", standalone_mode=False)
         code = 0
     except typer.Exit as e:
         code = e.exit_code
-    except click_errors.UsageError as e:  # includes BadParameter, NoSuchOption, MissingParameter
+    except click_errors.NoSuchOption as e:
+        suggest_closest(e).show()
+        code = 2
+    except click_errors.UsageError as e:  # includes BadParameter, MissingParameter
         e.show()
         code = 2
     except click_errors.ClickException as e:

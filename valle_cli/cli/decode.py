@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from valle_cli.cli.options import Device, Log, Overwrite, Quiet, Verbose, progress
+from valle_cli.cli.options import Device, Log, Overwrite, Quiet, Verbose, progress, skip_existing
 
 HELP = """Example: valle quantize a.wav -o - --codec codec.safetensors | valle decode - -o a_resynth.wav
 
@@ -49,8 +49,7 @@ def command(
         Log.info(f"{report.written} decoded, {report.skipped} already done, "
                  f"{report.audio_seconds:.1f} s of audio in {report.wall_seconds:.1f} s -> {out}")
         return
-    if str(out) != "-" and out.exists() and not overwrite:
-        Log.info(f"{out} exists, skipping (--overwrite to redo)")
+    if skip_existing(out, overwrite):
         return
     item = formats.read_codes(input)
     where = None if str(input) == "-" else input.parent

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -46,7 +45,6 @@ class EncoderName(str, Enum):
     codes = "codes"
 
 
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _LISTED = 8  # missing ids named in the warning
 _PRODUCTS = ("scores.csv", "summary.json", "index.html")
 
@@ -80,8 +78,6 @@ def command(
         raise typer.BadParameter("-e codes needs --checkpoint run/", param_hint="--checkpoint")
     if encoder is not EncoderName.codes and checkpoint is not None:
         raise typer.BadParameter("only -e codes uses a checkpoint", param_hint="--checkpoint")
-    if not _DEVICE.fullmatch(device):
-        raise typer.BadParameter(f"{device!r}: expected auto, cpu, cuda or cuda:N", param_hint="--device")
     if run is not None and not run.is_dir():
         raise typer.BadParameter(f"{run}: no such run folder", param_hint="--run")
     if out.exists() and not out.is_dir():
@@ -92,7 +88,7 @@ def command(
 
     from valle_cli.evaluation import evaluate as ev
     from valle_cli.evaluation.report import write_report
-    from valle_cli.generation.synthesizer import read_sample_manifest
+    from valle_cli.formats import read_sample_manifest
 
     ev.require_tools()
     rows = len(read_sample_manifest(manifest))

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from valle_cli.cli.options import Log, Overwrite, Quiet, Verbose, progress
+from valle_cli.cli.options import Log, Overwrite, Quiet, Verbose, progress, skip_existing
 
 HELP = """Example: valle phonemize metadata.csv -o phonemes.parquet
 
@@ -64,8 +64,7 @@ def command(input: Input, out: Out, lang: Lang = "en-us", tokenizer: Kind = None
     Log.configure(quiet, verbose)
     if vocab is not None and tokenizer is not None:
         raise typer.BadParameter("--tokenizer and --vocab exclude each other (--vocab brings its tokenizer)")
-    if str(out) != "-" and out.exists() and not overwrite:
-        Log.info(f"{out} exists, skipping (--overwrite to redo)")
+    if skip_existing(out, overwrite):
         return
     from valle_cli.formats import write_phonemes
     from valle_cli.text.phonemize import phonemize_corpus

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from valle_cli.cli.options import Device, Log, Overwrite, Quiet, Seed, Verbose, progress
+from valle_cli.cli.options import Device, Log, Overwrite, Quiet, Seed, Verbose, progress, skip_existing
+
+if TYPE_CHECKING:
+    from valle_cli.codecs.quantize import FitOptions
 
 HELP = """Example: valle quantize audio/ -o codes/
 
@@ -60,7 +63,6 @@ def command(
 ) -> None:
     Log.configure(quiet, verbose)
     part = _parse_shard(shard)
-    from valle_cli.codecs import describe, load_codec
     from valle_cli.codecs import quantize as lib
     from valle_cli.common import resolve_device, seed_everything
     from valle_cli.errors import InputError
@@ -69,68 +71,55 @@ def command(
         raise InputError(f"{input}: no such file or folder")
     seed_everything(seed)
     dev = resolve_device(device)
+    fit = lib.FitOptions(seconds=fit_seconds, n_codebooks=codebooks, codebook_size=codebook_size, seed=seed)
     if fit_codec:
         if str(out) == "-":
             raise InputError("--fit-codec writes a codec file: name it with -o codec.safetensors")
-        if out.exists() and not overwrite:
-            Log.info(f"{out} exists, skipping (--overwrite to refit)")
+        if skip_existing(out, overwrite, redo="refit"):
             return
-        _fit(input, out, fit_seconds, codebooks, codebook_size, seed, dev)
-        return
+        lib.fit_codec_file(input, out, fit, dev, say=Log.info, detail=Log.detail)
+    elif str(input) != "-" and input.is_dir():
+        _quantize_folder(input, out, codec, fit, dev, part, batch_seconds, workers, encoders, overwrite)
+    else:
+        _quantize_file(input, out, codec, dev, overwrite)
 
-    if str(input) != "-" and input.is_dir():
-        if str(out) == "-":
-            raise InputError("a folder of audio gives a folder of codes: -o must name a folder")
-        codec_path = out / lib.CODEC_FILE
-        if codec is None and part != (0, 1) and not codec_path.exists():
-            raise InputError(f"--shard needs one codec for all parts: fit it first with "
-                             f"'valle quantize --fit-codec {input} -o {codec_path}'")
-        if codec is None and not codec_path.exists():
-            _fit(input, codec_path, fit_seconds, codebooks, codebook_size, seed, dev)
-        the_codec = load_codec(codec or str(codec_path), dev)
-        Log.detail(f"codec: {describe(the_codec.spec)} on {dev}")
-        jobs, _ = lib.plan_jobs(input, out, part)
-        total = sum(lib._header_seconds(j.source) for j in jobs if overwrite or not j.out.exists())
-        with progress("quantize", total=total, unit="audio s") as advance:
-            report = lib.quantize_folder(input, out, the_codec, batch_seconds=batch_seconds, workers=workers,
-                                         encoders=encoders, overwrite=overwrite, shard=part, on_progress=advance)
-        speed = report.audio_seconds / max(report.wall_seconds, 1e-9)
-        Log.info(f"{report.written} quantized, {report.skipped} already done, "
-                 f"{report.audio_seconds:.1f} s of audio at {speed:.1f} audio s/s -> {out}")
-        return
 
-    # One file (or stdin) -> one npz (or stdout).
+def _quantize_folder(input: Path, out: Path, codec: str | None, fit: FitOptions, device: str, part: tuple[int, int],
+                     batch_seconds: float | None, workers: int, encoders: int | None, overwrite: bool) -> None:
+    from valle_cli.codecs import describe
+    from valle_cli.codecs import quantize as lib
+    from valle_cli.errors import InputError
+
+    if str(out) == "-":
+        raise InputError("a folder of audio gives a folder of codes: -o must name a folder")
+    the_codec = lib.folder_codec(input, out, codec, fit, device, part, say=Log.info, detail=Log.detail)
+    Log.detail(f"codec: {describe(the_codec.spec)} on {device}")
+    total = lib.pending_seconds(input, out, overwrite, part)
+    with progress("quantize", total=total, unit="audio s") as advance:
+        report = lib.quantize_folder(input, out, the_codec, batch_seconds=batch_seconds, workers=workers,
+                                     encoders=encoders, overwrite=overwrite, shard=part, on_progress=advance)
+    speed = report.audio_seconds / max(report.wall_seconds, 1e-9)
+    Log.info(f"{report.written} quantized, {report.skipped} already done, "
+             f"{report.audio_seconds:.1f} s of audio at {speed:.1f} audio s/s -> {out}")
+
+
+def _quantize_file(input: Path, out: Path, codec: str | None, device: str, overwrite: bool) -> None:
+    """One file (or stdin) -> one npz (or stdout)."""
+    from valle_cli import formats
+    from valle_cli.codecs import load_codec
+    from valle_cli.codecs.quantize import quantize_file
+    from valle_cli.errors import InputError
+
     if codec is None:
         raise InputError("quantizing a single file needs --codec (a fitted codec file, encodec or dac)")
-    from valle_cli import formats
-
-    if str(out) != "-" and out.exists() and not overwrite:
-        Log.info(f"{out} exists, skipping (--overwrite to redo)")
+    if skip_existing(out, overwrite):
         return
-    the_codec = load_codec(codec, dev)
+    the_codec = load_codec(codec, device)
     source = formats.read_input_bytes("-") if str(input) == "-" else input
-    item = lib.quantize_file(source, the_codec, name=formats.display_name(input))
+    item = quantize_file(source, the_codec, name=formats.display_name(input))
     formats.write_codes(out, item)
     where = formats.display_name(out, output=True)
     Log.info(f"{item.n_codebooks} x {item.n_frames} codes ({item.seconds:.2f} s) -> {where}")
-
-
-def _fit(input: Path, out: Path, fit_seconds: float, codebooks: int, codebook_size: int, seed: int,
-         device: str) -> None:
-    import time
-
-    from valle_cli.codecs.builtin import BuiltinCodec, BuiltinCodecConfig
-    from valle_cli.codecs.quantize import sample_for_fit
-
-    config = BuiltinCodecConfig(n_codebooks=codebooks, codebook_size=codebook_size)
-    out.parent.mkdir(parents=True, exist_ok=True)  # an unwritable output fails now, not after the fit
-    start = time.perf_counter()
-    wavs = sample_for_fit(input, config.sample_rate, fit_seconds, seed)
-    seconds = sum(len(w) for w in wavs) / config.sample_rate
-    Log.info(f"fitting the built-in codec ({codebooks} x {codebook_size}) on {seconds:.0f} s of audio ...")
-    codec = BuiltinCodec.fit(wavs, config, seed=seed, device=device, progress=Log.detail)
-    codec.save(out)
-    Log.info(f"fitted in {time.perf_counter() - start:.1f} s -> {out}")
 
 
 def register(app: typer.Typer) -> None:

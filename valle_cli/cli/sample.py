@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+import textwrap
+from dataclasses import Field, fields, replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from valle_cli.cli.options import Device, Log, Overwrite, Quiet, Verbose, progress
-
-SAMPLER_FLAGS = {  # flag -> SamplingParams field
-    "temperature": "temperature", "top-k": "top_k", "top-p": "top_p", "min-p": "min_p",
-    "repetition-penalty": "repetition_penalty", "repetition-window": "repetition_window",
-    "repetition-decay": "repetition_decay", "length-penalty": "length_penalty",
-    "cfg-strength": "cfg_strength", "cfg-rescale": "cfg_rescale",
-}
-PASSES = ("ar", "nar", "demask")
+from valle_cli.cli.options import (
+    Device,
+    Log,
+    Overwrite,
+    Quiet,
+    Verbose,
+    no_such_option,
+    placeholder,
+    progress,
+    skip_existing,
+)
+from valle_cli.generation.params import PASSES, GenerateConfig, SamplingParams  # no torch: the help lists them
 
 HELP = """Example: valle sample run/ --text "Hello there." --prompt ref.wav -o - | valle decode - -o out.wav
 
@@ -35,12 +39,65 @@ prompt audio by S seconds (--rollouts N times, each from the tape's last --conte
 --mode ar+nar: level 0 autoregressively (KV cache; until the stop token or --max-seconds), then
 one NAR pass per further level. --mode nar-len: the duration from the len head (--duration to
 force it), then --steps rounds of demasking. auto picks ar+nar when the model has the AR task.
-
-Sampler flags, for every pass or one pass with a prefix (--ar-..., --nar-..., --demask-...):
---temperature (<= 0 greedy; ar 1.0, nar 0, demask 1.0), --top-k, --top-p, --min-p,
---repetition-penalty, --repetition-window, --repetition-decay, --length-penalty (AR stop token),
---cfg-strength (demask default 2.5), --cfg-rescale. Example: --ar-temperature 0.8 --top-k 50
 """
+
+
+# ----------------------------------------------------------------------------- sampler flags (from SamplingParams)
+
+
+def sampler_flag(field: Field[Any]) -> str:
+    """``top_k`` -> ``top-k``: the flag of a SamplingParams field (also after --ar-, --nar-, --demask-)."""
+    return field.name.replace("_", "-")
+
+
+def sampler_flags_help() -> str:
+    """One row per SamplingParams field: the flag, its value type, its meaning and its default in each pass."""
+    defaults = GenerateConfig()
+    rows = []
+    for field in fields(SamplingParams):
+        per_pass = [getattr(getattr(defaults, p), field.name) for p in PASSES]
+        default = f"{per_pass[0]:g}" if len(set(per_pass)) == 1 else ", ".join(
+            f"{p} {value:g}" for p, value in zip(PASSES, per_pass, strict=True))
+        flag = f"--{sampler_flag(field)} {placeholder(type(field.default))}"
+        rows.append(textwrap.fill(f"{field.metadata['help']}  [default: {default}]", width=78,
+                                  initial_indent=f"{flag:<31}", subsequent_indent=" " * 31, break_on_hyphens=False))
+    return ("\b\nSampler flags: --NAME sets every pass; --ar-NAME, --nar-NAME or --demask-NAME\n"
+            "sets one pass (example: --ar-temperature 0.8 --top-k 50).\n\n\b\n" + "\n".join(rows))
+
+
+def generate_config(args: list[str], mode: str, steps: int) -> GenerateConfig:
+    """GenerateConfig from the sampler flags (``--temperature 0.7``, ``--ar-top-k 50``, ...) in ``args``."""
+    types = {sampler_flag(f): (f.name, type(f.default)) for f in fields(SamplingParams)}
+    everywhere: dict[str, Any] = {}
+    per_pass: dict[str, dict[str, Any]] = {p: {} for p in PASSES}
+    i = 0
+    while i < len(args):
+        flag = args[i]
+        if not flag.startswith("--"):
+            raise typer.BadParameter(f"unexpected argument {flag!r}")
+        name, _, value = flag[2:].partition("=")
+        if not value:
+            if i + 1 >= len(args):
+                raise typer.BadParameter(f"{flag} needs a value")
+            value, i = args[i + 1], i + 1
+        i += 1
+        target = everywhere
+        for p in PASSES:
+            if name.startswith(p + "-") and name[len(p) + 1:] in types:
+                target, name = per_pass[p], name[len(p) + 1:]
+                break
+        if name not in types:
+            raise no_such_option(f"--{name}", also=[f"--{p}{n}" for p in ("", "ar-", "nar-", "demask-") for n in types])
+        field, kind = types[name]
+        try:
+            target[field] = kind(value)
+        except ValueError:
+            raise typer.BadParameter(f"--{name} {value!r}: expected a {kind.__name__}") from None
+    config = GenerateConfig(mode=mode, steps=steps)
+    return replace(config, **{p: replace(getattr(config, p), **{**everywhere, **per_pass[p]}) for p in PASSES})
+
+
+# ----------------------------------------------------------------------------- the verb
 
 
 class Mode(str, Enum):
@@ -88,11 +145,44 @@ def command(
     Log.configure(quiet, verbose)
     from valle_cli import formats
     from valle_cli.common import resolve_device
-    from valle_cli.errors import InputError
     from valle_cli.generation.generate import GenerateStats
     from valle_cli.generation.synthesizer import Synthesizer
 
-    config = replace(generate_config(ctx.args, mode.value, max_seconds, steps), compile=compile_)
+    config = replace(generate_config(ctx.args, mode.value, steps), compile=compile_)
+    check_inputs(out, text, prompt, manifest, continue_seconds, infill_suffix)
+    if manifest is None and skip_existing(out, overwrite):
+        return
+    synth = Synthesizer.load(checkpoint, resolve_device(device), which="best" if best else "last")
+    config = replace(config, max_frames=max(1, int(round(max_seconds * synth.frame_rate))))
+    Log.detail(f"checkpoint {synth.folder} (step {synth.meta['step']}, {synth.meta['model']['arch']}, "
+               f"{synth.meta['codec'].get('name')})")
+    stats = GenerateStats()
+    if manifest is not None:
+        with progress("sample", total=len(formats.read_sample_manifest(manifest)), unit="utt") as advance:
+            report = synth.tts_manifest(manifest, out, config, prompt_seconds=prompt_seconds, lang=lang,
+                                        batch_size=batch_size, seed=seed, overwrite=overwrite, stats=stats,
+                                        on_progress=advance)
+        Log.info(f"{report.written} sampled, {report.skipped} already done ({timing(stats)}) -> {out}")
+        return
+    prompts: list[Any] = [formats.read_input_bytes("-") if str(p) == "-" else p for p in prompt]
+    if continue_seconds is not None:
+        item = synth.continuation(prompts, continue_seconds, config, rollouts, context_seconds, lang, seed, stats,
+                                  chunks=chunks)
+    elif infill_suffix:
+        item = synth.infill(prompts, list(infill_suffix), config, duration, lang, seed, stats)
+    else:
+        item = synth.tts(text, prompts, config, prompt_seconds=prompt_seconds, context_history=context_history,
+                         lang=lang, duration_seconds=duration, seed=seed, stats=stats)
+    formats.write_output_bytes(out, formats.codes_to_bytes(item))
+    Log.info(f"{describe_output(item, synth.frame_rate, text is None)} ({timing(stats)}) -> "
+             f"{formats.display_name(out, output=True)}")
+
+
+def check_inputs(out: Path, text: str | None, prompt: list[Path] | None, manifest: Path | None,
+                 continue_seconds: float | None, infill_suffix: list[Path] | None) -> None:
+    """One of: --text + --prompt, --manifest, or (no text) --prompt with --continue-seconds or --infill-suffix."""
+    from valle_cli.errors import InputError
+
     audio_only = continue_seconds is not None or bool(infill_suffix)
     if audio_only and (text is not None or manifest is not None):
         raise InputError("--continue-seconds / --infill-suffix take no --text or --manifest")
@@ -104,36 +194,17 @@ def command(
         raise InputError("give --text and --prompt (or --manifest rows.csv for a batch)")
     if manifest is not None and (text is not None or prompt):
         raise InputError("--manifest takes its texts and prompts from the file: drop --text / --prompt")
-    if manifest is None and str(out) != "-" and out.exists() and not overwrite:
-        Log.info(f"{out} exists, skipping (--overwrite to redo)")
-        return
-    dev = resolve_device(device)
-    synth = Synthesizer.load(checkpoint, dev, which="best" if best else "last")
-    config = replace(config, max_frames=max(1, int(round(max_seconds * synth.frame_rate))))
-    Log.detail(f"checkpoint {synth.folder} (step {synth.meta['step']}, {synth.meta['model']['arch']}, "
-               f"{synth.meta['codec'].get('name')})")
-    stats = GenerateStats()
+    if manifest is not None and str(out) == "-":
+        raise InputError("--manifest writes one npz per row: -o must name a folder")
 
-    if manifest is not None:
-        run_manifest(synth, manifest, out, config, prompt_seconds, lang, batch_size, seed, overwrite, stats)
-        return
-    prompts: list[Any] = [formats.read_input_bytes("-") if str(p) == "-" else p for p in prompt]
+
+def describe_output(item: Any, frame_rate: float, audio_only: bool) -> str:
+    """'2.40 s of codes in 2 sentences', or for a tape (continuation, in-fill) its parts: '3.00 + 1.00 s of codes'."""
+    segments = item.extra.get("segments")
     if audio_only:
-        if continue_seconds is not None:
-            item = synth.continuation(prompts, continue_seconds, config, rollouts, context_seconds, lang, seed,
-                                        stats, chunks=chunks)
-        else:
-            item = synth.infill(prompts, list(infill_suffix), config, duration, lang, seed, stats)
-        formats.write_output_bytes(out, formats.codes_to_bytes(item))
-        parts = " + ".join(f"{n / synth.frame_rate:.2f}" for n in item.extra["segments"])
-        Log.info(f"{parts} s of codes ({timing(stats)}) -> {formats.display_name(out, output=True)}")
-        return
-    item = synth.tts(text, prompts, config, prompt_seconds=prompt_seconds, context_history=context_history,
-                       lang=lang, duration_seconds=duration, seed=seed, stats=stats)
-    formats.write_output_bytes(out, formats.codes_to_bytes(item))
-    seconds = item.codes.shape[1] / synth.frame_rate
-    segments = f" in {len(item.extra['segments'])} sentences" if "segments" in item.extra else ""
-    Log.info(f"{seconds:.2f} s of codes{segments} ({timing(stats)}) -> {formats.display_name(out, output=True)}")
+        return " + ".join(f"{n / frame_rate:.2f}" for n in segments) + " s of codes"
+    sentences = f" in {len(segments)} sentences" if segments is not None else ""
+    return f"{item.codes.shape[1] / frame_rate:.2f} s of codes{sentences}"
 
 
 def timing(stats: Any) -> str:
@@ -146,87 +217,7 @@ def timing(stats: Any) -> str:
     return ", ".join(parts)
 
 
-def run_manifest(sampler: Any, manifest: Path, out: Path, config: Any, prompt_seconds: float | None, lang: int,
-                 batch_size: int, seed: int | None, overwrite: bool, stats: Any) -> None:
-    from valle_cli import formats
-    from valle_cli.errors import InputError, PartialFailure, ValleError
-    from valle_cli.generation.synthesizer import read_sample_manifest, split_sentences
-
-    if str(out) == "-":
-        raise InputError("--manifest writes one npz per row: -o must name a folder")
-    rows = read_sample_manifest(manifest)
-    todo = [r for r in rows if overwrite or not (out / f"{r[0]}.npz").exists()]
-    failures: dict[str, str] = {}
-    seconds_cut = sampler.default_prompt_seconds() if prompt_seconds is None else prompt_seconds
-    with progress("sample", total=len(todo), unit="utt") as advance:
-        single = [r for r in todo if len(split_sentences(r[1])) == 1]
-        for start in range(0, len(single), batch_size):
-            chunk = single[start:start + batch_size]
-            ready = []
-            for uid, text, prompts in chunk:
-                try:
-                    ready.append((uid, text, sampler.prompt_codes(prompts, seconds_cut)))
-                except ValleError as e:
-                    failures[uid] = str(e)
-            if ready:
-                try:
-                    items = sampler.tts_batch([t for _, t, _ in ready], [p for _, _, p in ready], config, lang,
-                                              None if seed is None else seed + start, stats)
-                    for (uid, _, _), item in zip(ready, items, strict=True):
-                        formats.write_codes(out / f"{uid}.npz", item)
-                except ValleError as e:
-                    failures.update({uid: str(e) for uid, _, _ in ready})
-            advance(len(chunk))
-        for uid, text, prompts in (r for r in todo if len(split_sentences(r[1])) != 1):
-            try:
-                item = sampler.tts(text, prompts, config, prompt_seconds=prompt_seconds, lang=lang, seed=seed,
-                                   stats=stats)
-                formats.write_codes(out / f"{uid}.npz", item)
-            except ValleError as e:
-                failures[uid] = str(e)
-            advance(1)
-    done = len(todo) - len(failures)
-    Log.info(f"{done} sampled, {len(rows) - len(todo)} already done ({timing(stats)}) -> {out}")
-    if failures:
-        raise PartialFailure(f"{len(failures)} row(s) of {manifest} failed", failures)
-
-
-def generate_config(args: list[str], mode: str, max_seconds: float, steps: int) -> Any:
-    """GenerateConfig from the sampler flags (``--temperature 0.7``, ``--ar-top-k 50``, ...)."""
-    from valle_cli.generation.generate import GenerateConfig, SamplingParams
-
-    config = GenerateConfig(mode=mode, steps=steps)
-    types = {f.name: type(f.default) for f in fields(SamplingParams)}
-    everywhere: dict[str, Any] = {}
-    per_pass: dict[str, dict[str, Any]] = {p: {} for p in PASSES}
-    i = 0
-    while i < len(args):
-        flag = args[i]
-        if not flag.startswith("--"):
-            raise typer.BadParameter(f"unexpected argument {flag!r}")
-        name, _, value = flag[2:].partition("=")
-        if not value:
-            if i + 1 >= len(args):
-                raise typer.BadParameter(f"{flag} needs a value")
-            value, i = args[i + 1], i + 1
-        i += 1
-        target = everywhere
-        for p in PASSES:
-            if name.startswith(p + "-") and name[len(p) + 1:] in SAMPLER_FLAGS:
-                target, name = per_pass[p], name[len(p) + 1:]
-                break
-        if name not in SAMPLER_FLAGS:
-            raise typer.BadParameter(f"no such option: --{name} (see valle sample --help)")
-        field = SAMPLER_FLAGS[name]
-        try:
-            target[field] = types[field](value)
-        except ValueError:
-            raise typer.BadParameter(f"--{name} {value!r}: expected a {types[field].__name__}") from None
-    passes = {p: replace(getattr(config, p), **{**everywhere, **per_pass[p]}) for p in PASSES}
-    return replace(config, **passes)
-
-
 def register(app: typer.Typer) -> None:
-    app.command("sample", help=HELP, no_args_is_help=True,
+    app.command("sample", help=HELP + "\n" + sampler_flags_help(), no_args_is_help=True,
                 short_help="Text + a voice prompt -> codes (.npz) with a trained model.",
                 context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from valle_cli.cli.options import Device, Log, Overwrite, Quiet, Verbose, progress
+from valle_cli.cli.options import Device, Log, Overwrite, Quiet, Verbose, progress, skip_existing
 
 HELP = """Example: valle score-chunks codes/ -o chunks.parquet
 
@@ -34,7 +33,6 @@ class Novelty(str, Enum):
     activity = "activity"
 
 
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def command(
@@ -64,78 +62,46 @@ def command(
     Log.configure(quiet, verbose)
     if chunk_seconds is not None and bpm is not None:
         raise typer.BadParameter("give --chunk-seconds or --bpm, not both", param_hint="--bpm")
-    if not _DEVICE.fullmatch(device):
-        raise typer.BadParameter(f"{device!r}: expected auto, cpu, cuda or cuda:N", param_hint="--device")
     if workers < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--workers")
-    from valle_cli.data.chunks import ChunkParams
+    from valle_cli import formats
+    from valle_cli.data import chunks
 
     try:
-        params = ChunkParams(chunk_seconds=0.75 if chunk_seconds is None else chunk_seconds, bpm=bpm,
-                             beats_per_chunk=beats_per_chunk, novelty=novelty.value, fast_seconds=fast_seconds,
-                             slow_seconds=slow_seconds, stability_seconds=stability_seconds,
-                             novelty_weight=novelty_weight, instability_weight=instability_weight,
-                             smooth_seconds=smooth_seconds, void_db=void_db)
+        params = chunks.ChunkParams(chunk_seconds=0.75 if chunk_seconds is None else chunk_seconds, bpm=bpm,
+                                    beats_per_chunk=beats_per_chunk, novelty=novelty.value, fast_seconds=fast_seconds,
+                                    slow_seconds=slow_seconds, stability_seconds=stability_seconds,
+                                    novelty_weight=novelty_weight, instability_weight=instability_weight,
+                                    smooth_seconds=smooth_seconds, void_db=void_db)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     if plot is not None:
-        import importlib.util
+        chunks.require_matplotlib()
 
-        from valle_cli.errors import ValleError
-
-        if importlib.util.find_spec("matplotlib") is None:  # fail before the work, not after it
-            raise ValleError("--plot needs matplotlib, which is not installed (pip install matplotlib)")
-
-    from valle_cli import formats
-    from valle_cli.data import chunks
-    from valle_cli.errors import InputError, PartialFailure
-
-    to_stdout = str(out) == formats.STDIO
-    if not to_stdout and out.exists() and not overwrite:
-        df, meta = _finished(out)
+    if str(out) != formats.STDIO and out.exists() and not overwrite:
+        df, meta = chunks.read_finished(out)
         if df is not None:
             Log.info(f"{out} exists, skipping (--overwrite to redo)")
-            _maybe_plot(df, meta["params"], plot, plot_source, overwrite)
+            _plot_finished(df, meta["params"], plot, plot_source)
             return
         Log.info(f"{out} is incomplete ({len(meta['incomplete'])} source(s) missing): scoring again")
 
-    manifest_path, manifest = chunks.load_manifest(codes)  # fails early, before any work
-    if plot_source is not None and plot_source not in manifest["id"]:
-        raise InputError(f"--plot-source {plot_source!r}: no such id in {manifest_path}")
-
-    total = float(manifest["seconds"].sum())
-    with progress("score-chunks", total=total, unit="audio s") as advance:
-        result = chunks.score_codes_folder(codes, params, device=device, workers=workers, on_progress=advance)
-    result.write(out)
+    _, manifest = chunks.load_manifest(codes)
+    with progress("score-chunks", total=float(manifest["seconds"].sum()), unit="audio s") as advance:
+        result = chunks.score_chunks(codes, out, params, plot=plot, plot_source_id=plot_source, device=device,
+                                     workers=workers, on_progress=advance)
     report = result.report
     Log.info(f"{report.sources} source(s) scored ({report.decoded} from decoded codes): {report.chunks} chunks of "
              f"{result.params['chunk_frames']} frames, {report.void_chunks} void; "
              f"{report.audio_seconds / 3600:.2f} h of audio at {report.hours_per_minute:.1f} h/min "
              f"-> {formats.display_name(out, output=True)}")
-    _maybe_plot(result.df, result.params, plot, plot_source, True)
-    if report.failures:
-        raise PartialFailure(f"{len(report.failures)} source(s) could not be scored ({report.sources} written; "
-                             "the file lists the missing ones and a rerun scores it again)", report.failures)
+    if plot is not None:
+        Log.info(f"plot of {plot_source or result.df['id'][0]} -> {plot}")
 
 
-def _finished(out: Path) -> tuple[object, dict]:
-    """(df, metadata) of an existing complete output, or (None, metadata) when it lacks sources;
-    anything that is not a chunk-scores file is an error rather than something to overwrite."""
-    from valle_cli import formats
-    from valle_cli.errors import FormatError
-
-    try:
-        df, meta = formats.read_chunk_scores(out)
-    except FormatError as e:
-        raise FormatError(f"{e}; use --overwrite to replace it") from None
-    return (None if meta.get("incomplete") else df), meta
-
-
-def _maybe_plot(df: object, params: dict, plot: Path | None, plot_source: str | None, overwrite: bool) -> None:
-    if plot is None:
-        return
-    if plot.exists() and not overwrite:
-        Log.info(f"{plot} exists, skipping (--overwrite to redraw)")
+def _plot_finished(df: object, params: dict, plot: Path | None, plot_source: str | None) -> None:
+    """The plot of an output that was finished already: drawn unless it exists too."""
+    if plot is None or skip_existing(plot, overwrite=False, redo="redraw"):
         return
     from valle_cli.data.chunks import plot_source as draw
 

@@ -34,7 +34,7 @@ class SplitBy(str, Enum):
     speaker = "speaker"
 
 
-Inputs = Annotated[list[Path], typer.Argument(help="Codes folders and phonemes .parquet files.", metavar="INPUTS...")]
+Inputs = Annotated[list[Path], typer.Argument(help="Codes folders and phonemes .parquet files.", metavar="INPUTS")]
 Out = Annotated[Path, typer.Option("--out", "-o", allow_dash=True, help="Output folder for the shards and index.")]
 Chunks = Annotated[list[Path] | None, typer.Option(
     "--chunks", help="Chunk scores (.parquet from valle score-chunks) for sampling weights; repeatable.")]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from valle_cli.cli.options import Device, Log, Overwrite, Quiet, Verbose, progress
+from valle_cli.cli.options import Device, Log, Overwrite, Quiet, Verbose, progress, skip_existing
 
 HELP = """Example: valle similarity prompt.wav generated.wav
 
@@ -38,7 +37,6 @@ class EncoderName(str, Enum):
     codes = "codes"
 
 
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _TABLE_EXTENSIONS = (".csv", ".parquet", ".json")
 _LISTED = 5  # unmatched files named in the warning
 
@@ -70,14 +68,11 @@ def command(
         raise typer.BadParameter("--encoder codes needs --checkpoint run/", param_hint="--checkpoint")
     if encoder is not EncoderName.codes and checkpoint is not None:
         raise typer.BadParameter("only --encoder codes uses a checkpoint", param_hint="--checkpoint")
-    if not _DEVICE.fullmatch(device):
-        raise typer.BadParameter(f"{device!r}: expected auto, cpu, cuda or cuda:N", param_hint="--device")
     to_stdout = str(out) == "-"
     if not to_stdout and out.suffix.lower() not in _TABLE_EXTENSIONS:
         raise typer.BadParameter(f"{out}: expected a .csv, .parquet or .json file, or - for stdout",
                                  param_hint="--out")
-    if not to_stdout and out.exists() and not overwrite:
-        Log.info(f"{out} exists, skipping (--overwrite to redo)")
+    if skip_existing(out, overwrite):
         return
 
     from valle_cli.evaluation import similarity as sim

@@ -17,12 +17,13 @@ Names accepted by ``load_codec``:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from valle_cli.errors import CodecError, CodecMismatchError
+from valle_cli.errors import AudioError, CodecError, CodecMismatchError, FormatError
 
 # Keys of a spec that locate a codec but do not change what its codes mean.
 _LOCATION_KEYS = frozenset({"path", "backend"})
@@ -43,6 +44,50 @@ class Codec(Protocol):
     def decode(self, codes: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Batch of int (K, T_i) -> list of mono float32 (S_i,) at sample_rate."""
         ...
+
+
+@dataclass
+class FolderReport:
+    """What ``quantize_folder`` / ``decode_folder`` did: files written and skipped, and the failures."""
+
+    written: int = 0
+    skipped: int = 0  # outputs that existed already
+    audio_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    failures: dict[str, str] = field(default_factory=dict)  # input file -> reason
+
+
+def check_wav(wav: np.ndarray, i: int, *, empty_ok: bool = False) -> np.ndarray:
+    """Audio item i of a batch as mono float32 (S,); AudioError for other shapes, NaN / inf, or no samples
+    (unless ``empty_ok``: the builtin codec encodes nothing as one silent frame)."""
+    arr = np.asarray(wav, dtype=np.float32)
+    if arr.ndim != 1:
+        raise AudioError(f"audio item {i}: expected mono samples (S,), got shape {arr.shape}")
+    if arr.size == 0 and not empty_ok:
+        raise AudioError(f"audio item {i} is empty")
+    if not np.isfinite(arr).all():
+        raise AudioError(f"audio item {i} has NaN or infinite samples")
+    return arr
+
+
+def check_codes(codes: np.ndarray, i: int, spec: dict[str, Any], n_codebooks: int, codebook_size: int, *,
+                empty_ok: bool = False) -> np.ndarray:
+    """Codes item i of a batch as int64 (K, T) for the codec of ``spec``; FormatError for another shape,
+    dtype or value range, or no frames (unless ``empty_ok``), CodecMismatchError for another K."""
+    arr = np.asarray(codes)
+    if arr.ndim != 2:
+        raise FormatError(f"codes item {i}: expected (codebooks, frames), got shape {arr.shape}")
+    if arr.shape[0] != n_codebooks:
+        raise CodecMismatchError(f"codes item {i} has {arr.shape[0]} codebooks, but {describe(spec)} uses "
+                                 f"{n_codebooks}")
+    if arr.shape[1] == 0 and not empty_ok:
+        raise FormatError(f"codes item {i} has no frames")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise FormatError(f"codes item {i}: expected integer codes, got {arr.dtype}")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= codebook_size):
+        raise FormatError(f"codes item {i} has values in [{int(arr.min())}, {int(arr.max())}], outside "
+                          f"[0, {codebook_size - 1}] of {describe(spec)}")
+    return arr.astype(np.int64, copy=False)
 
 
 def codec_identity(spec: dict[str, Any]) -> dict[str, Any]:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from valle_cli import formats
-from valle_cli.codecs import Codec, check_same_codec, codec_from_spec, codec_identity
+from valle_cli.codecs import Codec, FolderReport, check_same_codec, codec_from_spec, codec_identity
 from valle_cli.codecs.audio import wav_bytes
 from valle_cli.errors import PartialFailure, ValleError
 
@@ -43,20 +42,11 @@ def decode_item(item: formats.Codes, codec: Codec) -> np.ndarray:
     return wav
 
 
-@dataclass
-class DecodeReport:
-    written: int = 0
-    skipped: int = 0
-    audio_seconds: float = 0.0
-    wall_seconds: float = 0.0
-    failures: dict[str, str] = field(default_factory=dict)
-
-
 def decode_folder(in_dir: Path, out_dir: Path, codecs: CodecCache, *, overwrite: bool = False,
-                  on_progress: Callable[[int], None] | None = None) -> DecodeReport:
+                  on_progress: Callable[[int], None] | None = None) -> FolderReport:
     """Mirror every codes file under in_dir as a wav under out_dir; bad files are listed, not fatal."""
     start = time.perf_counter()
-    report = DecodeReport()
+    report = FolderReport()
     files = sorted(p for p in in_dir.rglob("*.npz") if not p.name.startswith("."))
     if not files:
         raise ValleError(f"{in_dir}: no codes files (.npz)")

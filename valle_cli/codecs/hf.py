@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from valle_cli.codecs import describe, frames_for
-from valle_cli.errors import AudioError, CodecError, CodecMismatchError, FormatError
+from valle_cli.codecs import check_codes, check_wav, describe, frames_for
+from valle_cli.errors import CodecError
 
 if TYPE_CHECKING:
     from transformers import DacConfig, DacModel, EncodecConfig, EncodecModel
@@ -134,6 +134,16 @@ def dac_config(model: str = "44khz") -> DacConfig:
     )
 
 
+def encodec_spec(model_id: str, bandwidth: float, backend: str, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """The spec of EnCodec codes; ``backend`` names the implementation that made them."""
+    return {"name": "encodec", "model": model_id, "bandwidth": bandwidth, **(extra or {}), "backend": backend}
+
+
+def dac_spec(model_name: str, backend: str, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """The spec of DAC codes; ``backend`` names the implementation that made them."""
+    return {"name": "dac", "model": model_name, **(extra or {}), "backend": backend}
+
+
 # --------------------------------------------------------------------------------------------------
 # Shared batching
 
@@ -172,7 +182,7 @@ class BatchedCodec:
     # -- protocol
     def encode(self, wavs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Batch of mono float32 (S_i,) at sample_rate -> list of int64 (K, T_i), T_i = frames_for(S_i)."""
-        items = [_check_wav(w, i) for i, w in enumerate(wavs)]
+        items = [check_wav(w, i) for i, w in enumerate(wavs)]
         out: list[np.ndarray | None] = [None] * len(items)
         for idx in self._batches([len(w) for w in items]):
             lengths = [len(items[i]) for i in idx]
@@ -187,13 +197,13 @@ class BatchedCodec:
                 t = frames_for(lengths[row], self.sample_rate, self.frame_rate)
                 if codes.shape[-1] < t:  # pragma: no cover - guards a model/frame-count mismatch
                     got = codes.shape[-1]
-                    raise CodecError(f"{self._name()}: got {got} frames for {lengths[row]} samples")
+                    raise CodecError(f"{describe(self.spec)}: got {got} frames for {lengths[row]} samples")
                 out[i] = np.ascontiguousarray(codes[row, :, :t])  # (K, T_i)
         return out  # type: ignore[return-value]
 
     def decode(self, codes: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Batch of int (K, T_i) -> list of mono float32 (T_i * hop,) at sample_rate."""
-        items = [self._check_codes(c, i) for i, c in enumerate(codes)]
+        items = [check_codes(c, i, self.spec, self.n_codebooks, self.codebook_size) for i, c in enumerate(codes)]
         out: list[np.ndarray | None] = [None] * len(items)
         for idx in self._batches([c.shape[1] * self.hop_length for c in items]):
             frames = [items[i].shape[1] for i in idx]
@@ -212,8 +222,15 @@ class BatchedCodec:
         return out  # type: ignore[return-value]
 
     # -- helpers
-    def _name(self) -> str:
-        return describe(self.spec)
+    def _set_layout(self, sample_rate: int, hop_length: int, n_codebooks: int, codebook_size: int,
+                    spec: dict[str, Any], *, pad_to_hop: bool = False) -> None:
+        """The protocol attributes (the frame rate follows from the hop); ``pad_to_hop`` zero-pads encoder
+        input to a multiple of the hop, as the original ``dac`` package does."""
+        self.sample_rate, self.hop_length = int(sample_rate), int(hop_length)
+        self.frame_rate = self.sample_rate / self.hop_length
+        self.n_codebooks, self.codebook_size = int(n_codebooks), int(codebook_size)
+        self.pad_multiple = self.hop_length if pad_to_hop else 1
+        self.spec = spec
 
     def _batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
         """Indices grouped longest first so that B * longest <= max_batch_seconds of audio."""
@@ -228,37 +245,6 @@ class BatchedCodec:
             batch.append(i)
         if batch:
             yield batch
-
-    def _check_codes(self, codes: np.ndarray, i: int) -> np.ndarray:
-        arr = np.asarray(codes)
-        if arr.ndim != 2:
-            raise FormatError(f"codes item {i}: expected (codebooks, frames), got shape {arr.shape}")
-        if arr.shape[0] != self.n_codebooks:
-            raise CodecMismatchError(
-                f"codes item {i} has {arr.shape[0]} codebooks, but {self._name()} uses {self.n_codebooks}"
-            )
-        if arr.shape[1] == 0:
-            raise FormatError(f"codes item {i} has no frames")
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise FormatError(f"codes item {i}: expected integer codes, got {arr.dtype}")
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi >= self.codebook_size:
-            raise FormatError(
-                f"codes item {i} has values in [{lo}, {hi}], outside [0, {self.codebook_size - 1}] "
-                f"of {self._name()}"
-            )
-        return arr.astype(np.int64, copy=False)
-
-
-def _check_wav(wav: np.ndarray, i: int) -> np.ndarray:
-    arr = np.asarray(wav, dtype=np.float32)
-    if arr.ndim != 1:
-        raise AudioError(f"audio item {i}: expected mono samples (S,), got shape {arr.shape}")
-    if arr.size == 0:
-        raise AudioError(f"audio item {i} is empty")
-    if not np.isfinite(arr).all():
-        raise AudioError(f"audio item {i} has NaN or infinite samples")
-    return arr
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -306,13 +292,8 @@ class EncodecCodec(BatchedCodec):
         if self.bandwidth not in cfg.target_bandwidths:
             raise CodecError(f"EnCodec model {model_id!r} does not support {self.bandwidth:g} kbps")
         self.model = model.to(self.device).eval()
-        self.sample_rate = int(cfg.sampling_rate)
-        self.hop_length = int(np.prod(cfg.upsampling_ratios))
-        self.frame_rate = self.sample_rate / self.hop_length
-        self.n_codebooks = ENCODEC_BANDWIDTHS[self.bandwidth]
-        self.codebook_size = int(cfg.codebook_size)
-        self.spec = {"name": "encodec", "model": model_id, "bandwidth": self.bandwidth, **(extra_spec or {})}
-        self.spec["backend"] = backend
+        self._set_layout(cfg.sampling_rate, np.prod(cfg.upsampling_ratios), ENCODEC_BANDWIDTHS[self.bandwidth],
+                         cfg.codebook_size, encodec_spec(model_id, self.bandwidth, backend, extra_spec))
 
     @classmethod
     def random(
@@ -417,14 +398,8 @@ class DacCodec(BatchedCodec):
                 f"(downsampling_ratios, n_codebooks, codebook_size) = {got}, expected {want}"
             )
         self.model = model.to(self.device).eval()
-        self.sample_rate = variant.sample_rate
-        self.hop_length = variant.hop_length
-        self.pad_multiple = self.hop_length
-        self.frame_rate = self.sample_rate / self.hop_length
-        self.n_codebooks = variant.n_codebooks
-        self.codebook_size = 1024
-        self.spec = {"name": "dac", "model": self.model_name, **(extra_spec or {})}
-        self.spec["backend"] = backend
+        self._set_layout(variant.sample_rate, variant.hop_length, variant.n_codebooks, 1024,
+                         dac_spec(self.model_name, backend, extra_spec), pad_to_hop=True)
 
     @classmethod
     def random(cls, model: str = "44khz", seed: int = 0, device: str | torch.device = "cpu") -> DacCodec:

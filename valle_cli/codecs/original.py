@@ -6,9 +6,9 @@ module offers, where the packages import:
 
 * ``original_encodec(...)`` / ``original_dac(...)``: codecs with the same protocol, batching and
   spec identity as the transformers ones (``spec["backend"]`` says which produced the codes);
-* ``encodec_weights_to_original`` / ``encodec_weights_from_original`` and the DAC pair: copy weights
-  between a transformers model and an original-package model (weight norm folded and unfolded), so
-  that the same weights can be compared on both implementations;
+* ``encodec_weights_to_original`` / ``encodec_weights_from_original`` and ``dac_weights_to_original``:
+  copy weights between a transformers model and an original-package model (weight norm folded and
+  unfolded), so that the same weights can be compared on both implementations;
 * ``original_like(codec)``: an original-package codec carrying a transformers codec's weights.
 """
 
@@ -29,6 +29,8 @@ from valle_cli.codecs.hf import (
     EncodecCodec,
     check_bandwidth,
     check_dac_model,
+    dac_spec,
+    encodec_spec,
 )
 from valle_cli.errors import CodecError
 
@@ -76,18 +78,8 @@ class OriginalEncodecCodec(BatchedCodec):
             raise CodecError("the original EnCodec model is not the mono 24 kHz model (encodec_model_24khz)")
         model.set_target_bandwidth(self.bandwidth)
         self.model = model.to(self.device).eval()
-        self.sample_rate = 24000
-        self.hop_length = int(model.encoder.hop_length)  # 320
-        self.frame_rate = self.sample_rate / self.hop_length
-        self.n_codebooks = ENCODEC_BANDWIDTHS[self.bandwidth]
-        self.codebook_size = int(model.quantizer.bins)
-        self.spec = {
-            "name": "encodec",
-            "model": ENCODEC_REPO,
-            "bandwidth": self.bandwidth,
-            **(extra_spec or {}),
-        }
-        self.spec["backend"] = "encodec"
+        self._set_layout(24000, model.encoder.hop_length, ENCODEC_BANDWIDTHS[self.bandwidth], model.quantizer.bins,
+                         encodec_spec(ENCODEC_REPO, self.bandwidth, "encodec", extra_spec))  # hop 320
 
     def _encode_batch(self, audio: torch.Tensor) -> torch.Tensor:
         frames = self.model.encode(audio)  # [(codes (B, K, T), scale None)]: one frame, no segmenting
@@ -118,14 +110,8 @@ class OriginalDacCodec(BatchedCodec):
         if got != want:
             raise CodecError(f"original DAC model is {got}, expected {want} for {self.model_name}")
         self.model = model.to(self.device).eval()
-        self.sample_rate = variant.sample_rate
-        self.hop_length = variant.hop_length
-        self.pad_multiple = self.hop_length  # what dac.DAC.preprocess does
-        self.frame_rate = self.sample_rate / self.hop_length
-        self.n_codebooks = variant.n_codebooks
-        self.codebook_size = int(model.codebook_size)
-        self.spec = {"name": "dac", "model": self.model_name, **(extra_spec or {})}
-        self.spec["backend"] = "dac"
+        self._set_layout(variant.sample_rate, variant.hop_length, variant.n_codebooks, model.codebook_size,
+                         dac_spec(self.model_name, "dac", extra_spec), pad_to_hop=True)  # as dac.DAC.preprocess
 
     def _encode_batch(self, audio: torch.Tensor) -> torch.Tensor:
         out = self.model.encode(audio)  # 1.x: (z, codes, latents, losses...); 0.x: dict
@@ -219,12 +205,8 @@ def dac_key_to_hf(key: str, n_blocks: int = 4) -> str:
     m = re.match(r"^encoder\.block\.(\d+)\.(.*)$", key)
     if m:
         n, rest = int(m.group(1)), m.group(2)
-        if n == 0:
-            return f"encoder.conv1.{rest}"
-        if n == n_blocks + 1:
-            return f"encoder.snake1.{rest}"
-        if n == n_blocks + 2:
-            return f"encoder.conv2.{rest}"
+        if n in (0, n_blocks + 1, n_blocks + 2):
+            return _dac_end_layer("encoder", n, rest, n_blocks)
         r = re.match(r"^block\.([012])\.block\.([0-3])\.(.*)$", rest)  # residual units 1..3
         if r:
             unit, part = int(r.group(1)) + 1, _RES_PARTS[int(r.group(2))]
@@ -235,12 +217,8 @@ def dac_key_to_hf(key: str, n_blocks: int = 4) -> str:
     m = re.match(r"^decoder\.model\.(\d+)\.(.*)$", key)
     if m:
         n, rest = int(m.group(1)), m.group(2)
-        if n == 0:
-            return f"decoder.conv1.{rest}"
-        if n == n_blocks + 1:
-            return f"decoder.snake1.{rest}"
-        if n == n_blocks + 2:
-            return f"decoder.conv2.{rest}"
+        if n in (0, n_blocks + 1, n_blocks + 2):
+            return _dac_end_layer("decoder", n, rest, n_blocks)
         r = re.match(r"^block\.([01])\.(.*)$", rest)  # Snake, WNConvTranspose
         if r:
             return f"decoder.block.{n - 1}.{'snake1' if r.group(1) == '0' else 'conv_t1'}.{r.group(2)}"
@@ -249,6 +227,13 @@ def dac_key_to_hf(key: str, n_blocks: int = 4) -> str:
             unit, part = int(r.group(1)) - 1, _RES_PARTS[int(r.group(2))]
             return f"decoder.block.{n - 1}.res_unit{unit}.{part}.{r.group(3)}"
     return key  # quantizer.quantizers.i.{in_proj,out_proj,codebook}.* are named alike
+
+
+def _dac_end_layer(side: str, n: int, rest: str, n_blocks: int) -> str:
+    """The layers around an encoder's / decoder's blocks: ``dac`` numbers them 0 (the first conv), n_blocks + 1
+    (the last Snake) and n_blocks + 2 (the last conv); transformers names them conv1, snake1 and conv2."""
+    name = {0: "conv1", n_blocks + 1: "snake1", n_blocks + 2: "conv2"}[n]
+    return f"{side}.{name}.{rest}"
 
 
 def encodec_weights_to_original(hf_model: torch.nn.Module, orig_model: torch.nn.Module) -> None:
@@ -265,12 +250,6 @@ def dac_weights_to_original(hf_model: torch.nn.Module, orig_model: torch.nn.Modu
     """Copy a transformers ``DacModel``'s weights into a ``dac.DAC`` (in place)."""
     n = len(hf_model.config.downsampling_ratios)
     _copy_weights(hf_model, orig_model, lambda k: dac_key_to_hf(k, n), to_original=True)
-
-
-def dac_weights_from_original(orig_model: torch.nn.Module, hf_model: torch.nn.Module) -> None:
-    """Copy a ``dac.DAC``'s weights into a transformers ``DacModel`` (in place)."""
-    n = len(hf_model.config.downsampling_ratios)
-    _copy_weights(hf_model, orig_model, lambda k: dac_key_to_hf(k, n), to_original=False)
 
 
 # Weight-norm parameter names: old-style torch.nn.utils.weight_norm and the parametrization API.

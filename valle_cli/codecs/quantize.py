@@ -17,13 +17,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from valle_cli import formats
-from valle_cli.codecs import Codec, check_same_codec, frames_for
+from valle_cli.codecs import Codec, FolderReport, check_same_codec, frames_for
 from valle_cli.codecs.audio import find_audio, load_audio
 from valle_cli.common import torch_threads
 from valle_cli.errors import AudioError, InputError, PartialFailure, ValleError
@@ -42,15 +42,6 @@ class Job:
     id: str  # relative path without extension, posix separators
     out: Path  # npz to write
     seconds: float = 0.0  # from the file header, for sorting and batching
-
-
-@dataclass
-class QuantizeReport:
-    written: int = 0
-    skipped: int = 0
-    audio_seconds: float = 0.0
-    wall_seconds: float = 0.0
-    failures: dict[str, str] = field(default_factory=dict)
 
 
 def _header_seconds(path: Path) -> float:
@@ -103,6 +94,51 @@ def sample_for_fit(input_dir: Path, sample_rate: int, max_seconds: float, seed: 
     return wavs
 
 
+@dataclass(frozen=True)
+class FitOptions:
+    """How ``valle quantize`` fits the built-in codec when no --codec is given."""
+
+    seconds: float = 1200.0  # audio sampled for fitting
+    n_codebooks: int = 8
+    codebook_size: int = 1024
+    seed: int = 0
+
+
+def fit_codec_file(input_path: Path, out: Path, options: FitOptions, device: str,
+                   say: Callable[[str], None] = lambda _: None,
+                   detail: Callable[[str], None] | None = None) -> None:
+    """Fit the built-in codec on a seeded sample of ``input_path`` and save it to ``out``; ``say`` hears of the
+    start and the end, ``detail`` of every codebook."""
+    from valle_cli.codecs.builtin import BuiltinCodec, BuiltinCodecConfig
+
+    config = BuiltinCodecConfig(n_codebooks=options.n_codebooks, codebook_size=options.codebook_size)
+    out.parent.mkdir(parents=True, exist_ok=True)  # an unwritable output fails now, not after the fit
+    start = time.perf_counter()
+    wavs = sample_for_fit(input_path, config.sample_rate, options.seconds, options.seed)
+    seconds = sum(len(w) for w in wavs) / config.sample_rate
+    say(f"fitting the built-in codec ({options.n_codebooks} x {options.codebook_size}) on {seconds:.0f} s "
+        "of audio ...")
+    codec = BuiltinCodec.fit(wavs, config, seed=options.seed, device=device, progress=detail)
+    codec.save(out)
+    say(f"fitted in {time.perf_counter() - start:.1f} s -> {out}")
+
+
+def folder_codec(input_dir: Path, out_dir: Path, name: str | None, fit: FitOptions, device: str,
+                 shard: tuple[int, int] = (0, 1), say: Callable[[str], None] = lambda _: None,
+                 detail: Callable[[str], None] | None = None) -> Codec:
+    """The codec of a folder run: the one named, else ``out_dir``/codec.safetensors, fitted on the input
+    first when it is missing (the parts of a sharded run must share one: fit it first, then)."""
+    from valle_cli.codecs import load_codec
+
+    codec_path = out_dir / CODEC_FILE
+    if name is None and not codec_path.exists():
+        if shard != (0, 1):
+            raise InputError(f"--shard needs one codec for all parts: fit it first with "
+                             f"'valle quantize --fit-codec {input_dir} -o {codec_path}'")
+        fit_codec_file(input_dir, codec_path, fit, device, say, detail)
+    return load_codec(name or str(codec_path), device)
+
+
 def _batches(jobs: Sequence[Job], batch_seconds: float) -> list[list[Job]]:
     """Length-sorted jobs cut into batches of at most batch_seconds of audio (at least one job)."""
     ordered = sorted(jobs, key=lambda j: (j.seconds, j.id))
@@ -148,7 +184,7 @@ def quantize_folder(
     overwrite: bool = False,
     shard: tuple[int, int] = (0, 1),
     on_progress: Callable[[float], None] | None = None,
-) -> QuantizeReport:
+) -> FolderReport:
     """Quantize every audio file under input_dir into out_dir; raise PartialFailure listing bad files.
 
     ``workers`` threads load audio ahead of ``encoders`` threads that encode and write whole batches.
@@ -159,83 +195,13 @@ def quantize_folder(
     """
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs, failures = plan_jobs(input_dir, out_dir, shard)
-    report = QuantizeReport(failures=failures)
-    if overwrite:
-        todo = jobs
-    else:
-        todo = [j for j in jobs if not j.out.exists()]
-        report.skipped = len(jobs) - len(todo)
-        if todo:
-            _check_existing_codec(out_dir, codec)
-    for job in todo:
-        job.seconds = _header_seconds(job.source)
-
-    def load(job: Job) -> tuple[Job, np.ndarray | None, float, str]:
-        try:
-            wav, seconds = load_audio(job.source, codec.sample_rate)
-            return job, wav, seconds, ""
-        except AudioError as e:
-            return job, None, job.seconds, str(e).removeprefix(f"{job.source}: ")
-
-    def encode_and_write(loaded: list[tuple[Job, np.ndarray | None, float, str]]) -> list[float]:
-        """Encode one batch and write its npz files; the audio seconds of each file written."""
-        good = [(job, wav, sec) for job, wav, sec, _ in loaded if wav is not None]
-        if not good:
-            return []
-        codes = codec.encode([wav for _, wav, _ in good])
-        for (job, wav, seconds), c in zip(good, codes, strict=True):
-            expected = frames_for(len(wav), codec.sample_rate, codec.frame_rate)
-            assert c.shape == (codec.n_codebooks, expected), (c.shape, expected)
-            formats.write_codes(job.out, formats.Codes(
-                codes=np.asarray(c, dtype=np.int16), sample_rate=codec.sample_rate,
-                frame_rate=codec.frame_rate, codec=codec.spec, source=str(job.source.resolve()), seconds=seconds,
-            ))
-        return [seconds for _, _, seconds in good]
-
-    def finish(batch: Future, loaded_seconds: float) -> None:
-        written = batch.result()
-        report.written += len(written)
-        report.audio_seconds += sum(written)
-        if on_progress:
-            on_progress(loaded_seconds)
-
-    import torch
-
+    todo, report = _jobs_to_do(input_dir, out_dir, codec, overwrite, shard)
     on_cpu = _on_cpu(codec)
-    if batch_seconds is None:
-        batch_seconds = CPU_BATCH_SECONDS if on_cpu else ACCELERATOR_BATCH_SECONDS
-    if encoders is None:  # one on an accelerator, one per torch thread (core) on the CPU
-        encoders = min(torch.get_num_threads(), 8) if on_cpu else 1
-    batches = _batches(todo, batch_seconds)
-    n_encoders = max(1, encoders)
-    depth = n_encoders + 1  # batches loading ahead of the encoders
+    batch_seconds, encoders = _encoder_settings(on_cpu, batch_seconds, encoders)
     # On CPU every encoder runs torch single-threaded, even alone: the codes of a neural codec then do
     # not depend on the machine's core count (EnCodec's differ in ~1% of places between 1 and 2 threads).
-    with (torch_threads(1 if on_cpu else None), ThreadPoolExecutor(max(1, workers)) as loaders,
-          ThreadPoolExecutor(n_encoders) as encoder_pool):
-        loading = [[loaders.submit(load, j) for j in b] for b in batches[:depth]]
-        encoding: deque[tuple[Future, float]] = deque()
-        try:
-            for k in range(len(batches)):
-                loaded = [f.result() for f in loading[k]]
-                if k + depth < len(batches):
-                    loading.append([loaders.submit(load, j) for j in batches[k + depth]])
-                loading[k] = []  # let the audio go once it is encoded
-                for job, _, _, error in loaded:
-                    if error:
-                        report.failures[str(job.source)] = error
-                if len(encoding) >= n_encoders:
-                    finish(*encoding.popleft())
-                encoding.append((encoder_pool.submit(encode_and_write, loaded), sum(s for _, _, s, _ in loaded)))
-            while encoding:
-                finish(*encoding.popleft())
-        except BaseException:
-            # An encoder error or Ctrl-C: drop the queued loads and batches instead of waiting for them
-            # (what was written is whole: writes are atomic; a rerun goes on from there).
-            for future in [f for batch in loading for f in batch] + [f for f, _ in encoding]:
-                future.cancel()
-            raise
+    with torch_threads(1 if on_cpu else None):
+        _encode_batches(_batches(todo, batch_seconds), codec, workers, encoders, report, on_progress)
     update_manifest(out_dir)
     report.wall_seconds = time.perf_counter() - start
     if report.failures:
@@ -245,6 +211,108 @@ def quantize_folder(
             report.failures,
         )
     return report
+
+
+def pending_seconds(input_dir: Path, out_dir: Path, overwrite: bool = False, shard: tuple[int, int] = (0, 1)) -> float:
+    """Audio seconds (from the file headers) that ``quantize_folder`` will encode: the total of a progress bar."""
+    jobs, _ = plan_jobs(input_dir, out_dir, shard)
+    return sum(_header_seconds(j.source) for j in jobs if overwrite or not j.out.exists())
+
+
+def _jobs_to_do(input_dir: Path, out_dir: Path, codec: Codec, overwrite: bool,
+                shard: tuple[int, int]) -> tuple[list[Job], FolderReport]:
+    """The jobs whose npz is still missing (all of them with ``overwrite``), their audio seconds read from
+    the file headers, and a report counting the skipped ones and the duplicate ids."""
+    jobs, failures = plan_jobs(input_dir, out_dir, shard)
+    report = FolderReport(failures=failures)
+    todo = jobs if overwrite else [j for j in jobs if not j.out.exists()]
+    report.skipped = len(jobs) - len(todo)
+    if todo and not overwrite:
+        _check_existing_codec(out_dir, codec)
+    for job in todo:
+        job.seconds = _header_seconds(job.source)
+    return todo, report
+
+
+def _encoder_settings(on_cpu: bool, batch_seconds: float | None, encoders: int | None) -> tuple[float, int]:
+    """(seconds per batch, encoder threads): the defaults are 20 s and one per torch thread (core, at most 8)
+    on the CPU, 120 s and one on an accelerator."""
+    import torch
+
+    if batch_seconds is None:
+        batch_seconds = CPU_BATCH_SECONDS if on_cpu else ACCELERATOR_BATCH_SECONDS
+    if encoders is None:
+        encoders = min(torch.get_num_threads(), 8) if on_cpu else 1
+    return batch_seconds, max(1, encoders)
+
+
+Loaded = tuple[Job, np.ndarray | None, float, str]  # (job, audio or None, seconds, error message)
+
+
+def _load(job: Job, sample_rate: int) -> Loaded:
+    try:
+        wav, seconds = load_audio(job.source, sample_rate)
+        return job, wav, seconds, ""
+    except AudioError as e:
+        return job, None, job.seconds, str(e).removeprefix(f"{job.source}: ")
+
+
+def _encode_and_write(loaded: list[Loaded], codec: Codec) -> list[float]:
+    """Encode one batch and write its npz files; the audio seconds of each file written."""
+    good = [(job, wav, sec) for job, wav, sec, _ in loaded if wav is not None]
+    if not good:
+        return []
+    codes = codec.encode([wav for _, wav, _ in good])
+    for (job, wav, seconds), c in zip(good, codes, strict=True):
+        expected = frames_for(len(wav), codec.sample_rate, codec.frame_rate)
+        assert c.shape == (codec.n_codebooks, expected), (c.shape, expected)
+        formats.write_codes(job.out, formats.Codes(
+            codes=np.asarray(c, dtype=np.int16), sample_rate=codec.sample_rate,
+            frame_rate=codec.frame_rate, codec=codec.spec, source=str(job.source.resolve()), seconds=seconds,
+        ))
+    return [seconds for _, _, seconds in good]
+
+
+def _encode_batches(batches: list[list[Job]], codec: Codec, workers: int, n_encoders: int, report: FolderReport,
+                    on_progress: Callable[[float], None] | None) -> None:
+    """Load batches on ``workers`` threads, n_encoders + 1 batches ahead, while ``n_encoders`` threads encode
+    and write them; counts go to ``report``."""
+
+    def finish(batch: Future, loaded_seconds: float) -> None:
+        written = batch.result()
+        report.written += len(written)
+        report.audio_seconds += sum(written)
+        if on_progress:
+            on_progress(loaded_seconds)
+
+    depth = n_encoders + 1  # batches loading ahead of the encoders
+    with ThreadPoolExecutor(max(1, workers)) as loaders, ThreadPoolExecutor(n_encoders) as encoder_pool:
+        def load_batch(batch: list[Job]) -> list[Future]:
+            return [loaders.submit(_load, job, codec.sample_rate) for job in batch]
+
+        loading = [load_batch(b) for b in batches[:depth]]
+        encoding: deque[tuple[Future, float]] = deque()
+        try:
+            for k in range(len(batches)):
+                loaded = [f.result() for f in loading[k]]
+                if k + depth < len(batches):
+                    loading.append(load_batch(batches[k + depth]))
+                loading[k] = []  # let the audio go once it is encoded
+                for job, _, _, error in loaded:
+                    if error:
+                        report.failures[str(job.source)] = error
+                if len(encoding) >= n_encoders:
+                    finish(*encoding.popleft())
+                encoding.append((encoder_pool.submit(_encode_and_write, loaded, codec),
+                                 sum(s for _, _, s, _ in loaded)))
+            while encoding:
+                finish(*encoding.popleft())
+        except BaseException:
+            # An encoder error or Ctrl-C: drop the queued loads and batches instead of waiting for them
+            # (what was written is whole: writes are atomic; a rerun goes on from there).
+            for future in [f for batch in loading for f in batch] + [f for f, _ in encoding]:
+                future.cancel()
+            raise
 
 
 def update_manifest(out_dir: Path) -> Path:

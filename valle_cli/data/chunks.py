@@ -1,7 +1,8 @@
 """score-chunks: cut every source's code frames into chunks and score each chunk for sampling.
 
-This is attn_demo's "structural analysis" (mformer_dataset.py) made right and fast. Per source,
-everything is vectorised over chunks (no Python loop over chunks):
+A structural analysis of audio into chunks scored for novelty and stability, used to draw
+training windows and prompts where the audio changes. Per source, everything is vectorised over
+chunks (no Python loop over chunks):
 
     audio (S,) at the codec rate, T code frames, chunks of L frames (the last may be shorter)
       -> rms_db (C,)                      RMS of the chunk's samples in dBFS (floor -120)
@@ -16,7 +17,7 @@ everything is vectorised over chunks (no Python loop over chunks):
                  (RMS below void_db) get 0; when all non-void chunks of a source score 0,
                  they all get 1.0 (uniform)
 
-Fixes over the original (see shared/reference/attn-demo-llama4-notes.md section 1.2):
+Properties of the scores:
 - shape flux is a distance (identical spectra -> 0), not a similarity;
 - features are z-scored per source before any cosine, so no feature dominates by its units; a
   per-feature floor on the standard deviation keeps a near-constant source from blowing its
@@ -25,10 +26,10 @@ Fixes over the original (see shared/reference/attn-demo-llama4-notes.md section 
 - chunk boundaries are exact code frames (frame_start, frame_len) and the parameters travel in
   the output's metadata, so no reader recomputes the chunk size.
 
-Two choices the original left open, made here: the cosine similarities of stability compare
-z-vectors with a constant unit coordinate appended (a chunk at the source mean is then similar
-to its like instead of undefined), and a chunk's features at the first position (no previous
-chunk for a flux) copy the second chunk's.
+Two further choices: the cosine similarities of stability compare z-vectors with a constant
+unit coordinate appended (a chunk at the source mean is then similar to its like instead of
+undefined), and a chunk's features at the first position (no previous chunk for a flux) copy
+the second chunk's.
 
 ``score_source`` scores one source's audio; ``score_codes_folder`` scores every source listed in a
 codes folder's manifest (features from the original audio when its file still exists, otherwise
@@ -49,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from valle_cli import formats
-from valle_cli.errors import AudioError, CodecMismatchError, InputError, ValleError
+from valle_cli.errors import AudioError, CodecMismatchError, FormatError, InputError, PartialFailure, ValleError
 
 NOVELTY_MODES = ("crossover", "velocity", "activity")
 FEATURES = ("rms_db", "shape_flux", "magnitude_flux")
@@ -492,6 +493,9 @@ def _decode_isolated(codec: _FolderCodec, codes: list[np.ndarray]) -> list[np.nd
         return out
 
 
+Scored = tuple[SourceScores, dict[str, Any]]  # a source's scores and where they came from (origin, rates, seconds)
+
+
 def score_codes_folder(folder: str | Path, params: ChunkParams = ChunkParams(), *, device: str = "auto",
                        workers: int = 4, decode_batch_seconds: float = 30.0,
                        on_progress: Callable[[float], None] | None = None) -> FolderScores:
@@ -505,60 +509,98 @@ def score_codes_folder(folder: str | Path, params: ChunkParams = ChunkParams(), 
     out, listed in ``report.failures`` and in the metadata key ``incomplete``; the other sources'
     scores do not depend on it. Raises when no source at all could be scored.
     """
-    import polars as pl
-
-    from valle_cli.codecs import same_codec
-    from valle_cli.codecs.audio import load_audio
-
     start = time.perf_counter()
     manifest_path, manifest = load_manifest(folder)
-    root = manifest_path.parent
     codec_text, spec = _folder_codec(manifest, manifest_path)
-    codec = _FolderCodec(spec, device, search=[root, root.parent])
+    sources = _Sources(manifest_path.parent, spec, params, device)
     rows = manifest.select("id", "path", "source", "codec", "seconds").to_dicts()
     has_audio = [bool(row["source"]) and Path(row["source"]).is_file() for row in rows]
 
-    def read(row: dict[str, Any]) -> formats.Codes:
-        item = formats.read_codes(root / row["path"])
-        if not same_codec(item.codec, spec):
-            raise CodecMismatchError(f"{root / row['path']}: made by another codec than its manifest says")
+    results = sources.score_originals(rows, has_audio, workers, on_progress)
+    # The sources without their audio after the pool is done, so that torch's decoding threads do not
+    # fight the pool for the cores (that made decoding ~6x slower).
+    results |= sources.score_decoded(rows, has_audio, decode_batch_seconds, on_progress)
+    done, report = _sort_out(rows, results)
+    if not done:
+        first_id, first_reason = next(iter(report.failures.items()))
+        raise ValleError(f"no source of {manifest_path} could be scored (first: {first_id}: {first_reason})")
+
+    df = _scores_frame(rows, done)
+    report.sources, report.chunks = len(done), len(df)
+    report.void_chunks = int(df["void"].sum())
+    report.decoded = sum(meta["origin"] == "decoded" for _, _, meta in done)
+    report.wall_seconds = time.perf_counter() - start
+    frame_rate, sample_rate = done[0][2]["frame_rate"], done[0][2]["sample_rate"]
+    info = {"codec": json.loads(codec_text), "sources": report.sources, "incomplete": dict(report.failures)}
+    return FolderScores(df=df, params=derived_settings(params, frame_rate, sample_rate), info=info, report=report)
+
+
+class _Sources:
+    """The sources of one codes folder, scored from their original audio or from their decoded codes."""
+
+    def __init__(self, root: Path, spec: dict[str, Any], params: ChunkParams, device: str):
+        self.root, self.spec, self.params = root, spec, params
+        self.codec = _FolderCodec(spec, device, search=[root, root.parent])
+
+    def read(self, row: dict[str, Any]) -> formats.Codes:
+        from valle_cli.codecs import same_codec
+
+        item = formats.read_codes(self.root / row["path"])
+        if not same_codec(item.codec, self.spec):
+            raise CodecMismatchError(f"{self.root / row['path']}: made by another codec than its manifest says")
         return item
 
-    def score(item: formats.Codes, audio: np.ndarray, origin: str) -> tuple[SourceScores, dict[str, Any]]:
-        scores = score_source(audio, item.sample_rate, item.frame_rate, params, n_frames=item.n_frames)
+    def score(self, item: formats.Codes, audio: np.ndarray, origin: str) -> Scored:
+        scores = score_source(audio, item.sample_rate, item.frame_rate, self.params, n_frames=item.n_frames)
         return scores, {"origin": origin, "frame_rate": item.frame_rate, "sample_rate": item.sample_rate,
                         "seconds": item.n_frames / item.frame_rate}
 
-    def from_original(row: dict[str, Any]) -> tuple[SourceScores, dict[str, Any]]:
-        item = read(row)
+    def from_original(self, row: dict[str, Any]) -> Scored:
+        from valle_cli.codecs.audio import load_audio
+
+        item = self.read(row)
         audio, _ = load_audio(row["source"], item.sample_rate)
-        return score(item, audio, "original")
+        return self.score(item, audio, "original")
 
-    def guarded(fn: Callable[..., Any], *args: Any) -> Any:  # a ValleError becomes its message
-        try:
-            return fn(*args)
-        except ValleError as e:
-            return str(e)
+    def score_originals(self, rows: list[dict[str, Any]], has_audio: list[bool], workers: int,
+                        on_progress: Callable[[float], None] | None) -> dict[int, Scored | str]:
+        """Row -> scores (or failure message) of the sources with their audio, loaded and scored on a pool."""
+        results: dict[int, Scored | str] = {}
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            futures = {i: pool.submit(_guarded, self.from_original, row) for i, row in enumerate(rows) if has_audio[i]}
+            for i, future in futures.items():
+                results[i] = future.result()
+                if on_progress:
+                    on_progress(rows[i]["seconds"])
+        return results
 
-    results: dict[int, tuple[SourceScores, dict[str, Any]] | str] = {}  # row -> scores or failure message
-    # Sources with their audio: load and score on the pool.
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = {i: pool.submit(guarded, from_original, row) for i, row in enumerate(rows) if has_audio[i]}
-        for i, future in futures.items():
-            results[i] = future.result()
+    def score_decoded(self, rows: list[dict[str, Any]], has_audio: list[bool], batch_seconds: float,
+                      on_progress: Callable[[float], None] | None) -> dict[int, Scored | str]:
+        """Row -> scores (or failure message) of the sources without their audio: codes read, decoded in
+        length-sorted batches of about ``batch_seconds`` and scored here."""
+        results: dict[int, Scored | str] = {}
+        for batch in _length_batches([i for i in range(len(rows)) if not has_audio[i]], rows, batch_seconds):
+            items = {i: _guarded(self.read, rows[i]) for i in batch}
+            good = [i for i in batch if not isinstance(items[i], str)]
+            results.update({i: items[i] for i in batch if isinstance(items[i], str)})
+            for i, wav in zip(good, _decode_isolated(self.codec, [items[i].codes for i in good]), strict=True):
+                results[i] = wav if isinstance(wav, str) else _guarded(self.score, items[i], wav, "decoded")
             if on_progress:
-                on_progress(rows[i]["seconds"])
-    # Sources without: read, decode in batches and score here, after the pool is done, so that
-    # torch's decoding threads do not fight the pool for the cores (that made decoding ~6x slower).
-    for batch in _length_batches([i for i in range(len(rows)) if not has_audio[i]], rows, decode_batch_seconds):
-        items = {i: guarded(read, rows[i]) for i in batch}
-        good = [i for i in batch if not isinstance(items[i], str)]
-        results.update({i: items[i] for i in batch if isinstance(items[i], str)})
-        for i, wav in zip(good, _decode_isolated(codec, [items[i].codes for i in good]), strict=True):
-            results[i] = wav if isinstance(wav, str) else guarded(score, items[i], wav, "decoded")
-        if on_progress:
-            on_progress(sum(rows[i]["seconds"] for i in batch))
+                on_progress(sum(rows[i]["seconds"] for i in batch))
+        return results
 
+
+def _guarded(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), or the message of the ValleError it raised."""
+    try:
+        return fn(*args)
+    except ValleError as e:
+        return str(e)
+
+
+def _sort_out(rows: list[dict[str, Any]], results: dict[int, Scored | str]
+              ) -> tuple[list[tuple[int, SourceScores, dict[str, Any]]], ScoreReport]:
+    """The scored sources in manifest order as (row, scores, origin), and a report with the failures."""
     report = ScoreReport()
     done: list[tuple[int, SourceScores, dict[str, Any]]] = []
     for i, row in enumerate(rows):
@@ -568,11 +610,13 @@ def score_codes_folder(folder: str | Path, params: ChunkParams = ChunkParams(), 
         else:
             done.append((i, *result))
             report.audio_seconds += result[1]["seconds"]
-    if not done:
-        first_id, first_reason = next(iter(report.failures.items()))
-        raise ValleError(f"no source of {manifest_path} could be scored (first: {first_id}: {first_reason})")
+    return done, report
 
-    frame_rate, sample_rate = done[0][2]["frame_rate"], done[0][2]["sample_rate"]
+
+def _scores_frame(rows: list[dict[str, Any]], done: list[tuple[int, SourceScores, dict[str, Any]]]) -> Any:
+    """One polars row per chunk of the scored sources: the chunk-scores columns (FORMATS.md)."""
+    import polars as pl
+
     counts = np.array([len(s) for _, s, _ in done])  # (N,) chunks per source
     owner = np.repeat(np.arange(len(done)), counts)  # (R,) source of each row
     cat = {name: np.concatenate([getattr(s, name) for _, s, _ in done])
@@ -581,7 +625,7 @@ def score_codes_folder(folder: str | Path, params: ChunkParams = ChunkParams(), 
     codecs = pl.Series([rows[i]["codec"] for i, _, _ in done], dtype=pl.String)
     origins = pl.Series([meta["origin"] for _, _, meta in done], dtype=pl.String)
     take = pl.Series(owner, dtype=pl.UInt32)
-    df = pl.DataFrame({
+    return pl.DataFrame({
         "id": ids.gather(take),
         "chunk_idx": np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts),
         "frame_start": cat["frame_start"],
@@ -592,28 +636,62 @@ def score_codes_folder(folder: str | Path, params: ChunkParams = ChunkParams(), 
         "features_from": origins.gather(take),
     })
 
-    report.sources = len(done)
-    report.chunks = len(df)
-    report.void_chunks = int(cat["void"].sum())
-    report.decoded = sum(meta["origin"] == "decoded" for _, _, meta in done)
-    report.wall_seconds = time.perf_counter() - start
-    info = {"codec": json.loads(codec_text), "sources": report.sources, "incomplete": dict(report.failures)}
-    return FolderScores(df=df, params=derived_settings(params, frame_rate, sample_rate), info=info, report=report)
+
+# ----------------------------------------------------------------------------- valle score-chunks
+
+
+def score_chunks(codes: str | Path, out: str | Path, params: ChunkParams = ChunkParams(), *,
+                 plot: Path | None = None, plot_source_id: str | None = None, device: str = "auto",
+                 workers: int = 4, on_progress: Callable[[float], None] | None = None) -> FolderScores:
+    """``valle score-chunks``: score a codes folder, write the scores to ``out`` (a path or - for stdout)
+    and draw ``plot_source_id`` (default: the first source) to ``plot``. A source that could not be
+    scored raises PartialFailure after the writing: the file lists what it misses (metadata key
+    ``incomplete``), so a rerun scores it again."""
+    manifest_path, manifest = load_manifest(codes)  # fails early, before any work
+    if plot_source_id is not None and plot_source_id not in manifest["id"]:
+        raise InputError(f"--plot-source {plot_source_id!r}: no such id in {manifest_path}")
+    if plot is not None:
+        require_matplotlib()
+    result = score_codes_folder(codes, params, device=device, workers=workers, on_progress=on_progress)
+    result.write(out)
+    if plot is not None:
+        plot_source(result.df, result.params, plot_source_id or result.df["id"][0], plot)
+    report = result.report
+    if report.failures:
+        raise PartialFailure(f"{len(report.failures)} source(s) could not be scored ({report.sources} written; "
+                             "the file lists the missing ones and a rerun scores it again)", report.failures)
+    return result
+
+
+def read_finished(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """(df, metadata) of an existing complete chunk-scores file, or (None, metadata) when it lacks sources;
+    anything that is not a chunk-scores file is an error rather than something to overwrite."""
+    try:
+        df, meta = formats.read_chunk_scores(path)
+    except FormatError as e:
+        raise FormatError(f"{e}; use --overwrite to replace it") from None
+    return (None if meta.get("incomplete") else df), meta
 
 
 # ----------------------------------------------------------------------------- plot
 
 
+def require_matplotlib() -> None:
+    """ValleError unless matplotlib is installed: --plot checks it before the work, not after it."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValleError("--plot needs matplotlib, which is not installed (pip install matplotlib)")
+
+
 def plot_source(df: Any, params: dict[str, Any], source_id: str, path: str | Path) -> None:
     """A 4-panel PNG of one source (z-scored features, novelty, stability, priority; void chunks
     shaded) written atomically. Needs matplotlib."""
-    try:
-        import matplotlib
+    require_matplotlib()
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ValleError("--plot needs matplotlib, which is not installed (pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     import polars as pl
 
     rows = df.filter(pl.col("id") == source_id).sort("chunk_idx")

@@ -290,13 +290,57 @@ def plan_shards(codes: Sequence[str | os.PathLike[str]], phonemes: Sequence[str 
     _check_options(options)
     report = ShardReport(out=Path(out))
     codes_df, codec = read_codes_folders(codes)
-    if phonemes:
-        text_df, tokenizer, text_settings = read_phonemes_files(phonemes)
-    else:  # audio only (continuation / in-fill training): every utterance has an empty text
-        text_df = codes_df.select("id", tokens=pl.lit([], dtype=pl.List(pl.UInt16)))
-        tokenizer, text_settings = dict(NO_TEXT_TOKENIZER), {}
+    text_df, tokenizer, text_settings = _read_text(phonemes, codes_df)
+    df, speaker_column = _join_and_filter(codes_df, text_df, bool(phonemes), options, report)
+    df = _with_weights(df, chunks, codec, report)
+    df = _split_and_order(df, options, report)
+    header, sample_rate = _header_template(df, codec, tokenizer)
+    lengths = (df["text_len"] + header.n_codebooks * df["frames"]).to_numpy()  # (N,) uint16 values per record
+    shard, offset = plan_shard_layout(lengths, df["split"].to_list(), max(1, int(options.shard_mb * 2**20) // 2))
+    df = df.with_columns(shard=pl.Series(shard), offset=pl.Series(offset))
+    _count_splits(df, report)
+    report.shards = n_shards = int(shard[-1]) + 1
+    meta = {
+        "codec": codec,
+        "tokenizer": tokenizer,
+        "text_settings": text_settings,
+        "n_codebooks": header.n_codebooks,
+        "codebook_size": header.codebook_size,
+        "text_vocab_size": header.text_vocab_size,
+        "frame_rate": header.frame_rate,
+        "sample_rate": sample_rate,
+        "shards": _shards_meta(df["split"], shard, lengths),
+        "split": {"val_fraction": options.val_fraction, "split_by": options.split_by, "seed": options.seed,
+                  "speaker_depth": options.speaker_depth, "speaker_column": speaker_column},
+        "filters": {"min_seconds": options.min_seconds, "max_seconds": options.max_seconds,
+                    "max_text_tokens": options.max_text_tokens},
+        "filtered": report.filtered,
+        "only_in": report.only_in,
+        "weights": {"chunks": [str(p) for p in chunks], "unscored": report.unscored},
+        "max_prompts": options.max_prompts,
+        "shard_mb": options.shard_mb,
+        "inputs": {"codes": [str(p) for p in codes], "phonemes": [str(p) for p in phonemes]},
+    }
+    index = df.select(*formats.SHARD_INDEX_SCHEMA, "path", "tokens")
+    return ShardPlan(index=index, header=header, n_shards=n_shards, meta=meta, report=report)
 
-    # Join by id. Ids in one input only are counted per input and per filter reason.
+
+def _read_text(phonemes: Sequence[str | os.PathLike[str]], codes_df: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(DataFrame id, tokens[, speaker], tokenizer metadata, text settings) of the phonemes files; without
+    any (audio only: continuation / in-fill training) every utterance has an empty text."""
+    import polars as pl
+
+    if phonemes:
+        return read_phonemes_files(phonemes)
+    return codes_df.select("id", tokens=pl.lit([], dtype=pl.List(pl.UInt16))), dict(NO_TEXT_TOKENIZER), {}
+
+
+def _join_and_filter(codes_df: Any, text_df: Any, has_text: bool, options: ShardOptions,
+                     report: ShardReport) -> tuple[Any, bool]:
+    """The utterances kept (sorted by id) with their speaker and text_len, and whether a speaker column named
+    them; ids in one input only and the filtered ones are counted per reason in ``report``."""
+    import polars as pl
+
     only_codes = codes_df.join(text_df, on="id", how="anti")
     only_text = text_df.join(codes_df, on="id", how="anti")
     report.only_in = {"codes": len(only_codes), "phonemes": len(only_text)}
@@ -308,7 +352,7 @@ def plan_shards(codes: Sequence[str | os.PathLike[str]], phonemes: Sequence[str 
                          npz_exists=pl.Series([os.path.isfile(p) for p in df["path"]], dtype=pl.Boolean))
 
     reason = (pl.when(~pl.col("npz_exists")).then(pl.lit(MISSING_CODES))
-              .when((pl.col("text_len") == 0) & bool(phonemes)).then(pl.lit(MISSING_TEXT))
+              .when((pl.col("text_len") == 0) & has_text).then(pl.lit(MISSING_TEXT))
               .when(pl.col("seconds") < options.min_seconds).then(pl.lit(TOO_SHORT))
               .when(pl.col("seconds") > options.max_seconds).then(pl.lit(TOO_LONG))
               .when(pl.col("text_len") > options.max_text_tokens).then(pl.lit(TEXT_TOO_LONG)))
@@ -327,26 +371,40 @@ def plan_shards(codes: Sequence[str | os.PathLike[str]], phonemes: Sequence[str 
     if df.is_empty():
         counts = ", ".join(f"{n} {why}" for why, n in report.filtered.items() if n) or "no common ids"
         raise InputError(f"no utterance left to shard ({counts}); nothing written")
+    return df, bool(speaker_columns)
 
-    # Weights: mean chunk priority scaled to mean 1; utterances without scores get the mean.
-    if chunks:
-        df = df.join(chunk_weights(chunks, codec), on="id", how="left")
-        report.unscored = int(df["raw_weight"].null_count())
-        mean = df["raw_weight"].mean()
-        mean = 1.0 if mean is None or mean <= 0 else float(mean)
-        df = df.with_columns(weight=pl.col("raw_weight").fill_null(mean) / mean)
-    else:
-        df = df.with_columns(weight=pl.lit(1.0))
+
+def _with_weights(df: Any, chunks: Sequence[str | os.PathLike[str]], codec: dict[str, Any],
+                  report: ShardReport) -> Any:
+    """A weight column: the mean chunk priority scaled to mean 1 (utterances without scores get the mean);
+    1.0 everywhere without chunk scores."""
+    import polars as pl
+
+    if not chunks:
+        return df.with_columns(weight=pl.lit(1.0))
+    df = df.join(chunk_weights(chunks, codec), on="id", how="left")
+    report.unscored = int(df["raw_weight"].null_count())
+    mean = df["raw_weight"].mean()
+    mean = 1.0 if mean is None or mean <= 0 else float(mean)
+    return df.with_columns(weight=pl.col("raw_weight").fill_null(mean) / mean)
+
+
+def _split_and_order(df: Any, options: ShardOptions, report: ShardReport) -> Any:
+    """Split train/val, order the rows by (split, id) and list each row's prompt candidates."""
+    import polars as pl
 
     split, report.notes = assign_split(df["id"].to_list(), df["speaker"].to_list(), options.val_fraction,
                                        options.split_by, options.seed)
     df = df.with_columns(split=pl.Series(split.tolist(), dtype=pl.String))
     df = df.with_columns(split_rank=pl.col("split").replace_strict(list(SPLITS), list(range(len(SPLITS)))))
     df = df.sort("split_rank", "id")
-    df = df.with_columns(prompt_candidates_for(df["id"].to_list(), df["speaker"].to_list(), df["split"].to_list(),
-                                               options.max_prompts, options.seed))
+    return df.with_columns(prompt_candidates_for(df["id"].to_list(), df["speaker"].to_list(), df["split"].to_list(),
+                                                 options.max_prompts, options.seed))
 
-    # The header numbers come from the codec spec, the tokenizer and the first codes file.
+
+def _header_template(df: Any, codec: dict[str, Any], tokenizer: dict[str, Any]) -> tuple[formats.ShardHeader, int]:
+    """The shard header (counts and shard number left to fill) and the sample rate: from the codec spec,
+    the tokenizer and the first codes file."""
     first = formats.read_codes(df["path"][0])
     specials = tokenizer.get("specials", {})
     header = formats.ShardHeader(
@@ -355,45 +413,27 @@ def plan_shards(codes: Sequence[str | os.PathLike[str]], phonemes: Sequence[str 
         text_eos_id=specials.get("<eos>", formats.NO_TOKEN), text_unk_id=specials.get("<unk>", formats.NO_TOKEN),
         frame_rate=first.frame_rate, n_records=0, n_elements=0, meta={"codec": codec, "tokenizer": tokenizer},
     )
-    lengths = (df["text_len"] + header.n_codebooks * df["frames"]).to_numpy()
-    max_elements = max(1, int(options.shard_mb * 2**20) // 2)
-    shard, offset = plan_shard_layout(lengths, df["split"].to_list(), max_elements)
-    df = df.with_columns(shard=pl.Series(shard), offset=pl.Series(offset))
-    n_shards = int(shard[-1]) + 1
+    return header, first.sample_rate
+
+
+def _count_splits(df: Any, report: ShardReport) -> None:
+    """Utterances, speakers and audio seconds per split, into ``report``."""
+    import polars as pl
 
     for name in SPLITS:
         part = df.filter(pl.col("split") == name)
         report.utterances[name] = len(part)
         report.speakers[name] = part["speaker"].n_unique()
         report.seconds[name] = float(part["seconds"].sum())
-    report.shards = n_shards
+
+
+def _shards_meta(splits: Any, shard: np.ndarray, lengths: np.ndarray) -> list[dict[str, Any]]:
+    """Per shard: file name, split, records and uint16 values; ``shard`` (N,) never decreases down the rows."""
+    n_shards = int(shard[-1]) + 1
     records, elements = np.bincount(shard), np.bincount(shard, weights=lengths)  # (n_shards,) each
-    first_rows = np.searchsorted(shard, np.arange(n_shards))  # shard numbers never decrease down the rows
-    shards_meta = [{"file": formats.shard_name(i), "split": df["split"][int(first_rows[i])],
-                    "records": int(records[i]), "elements": int(elements[i])} for i in range(n_shards)]
-    meta = {
-        "codec": codec,
-        "tokenizer": tokenizer,
-        "text_settings": text_settings,
-        "n_codebooks": header.n_codebooks,
-        "codebook_size": header.codebook_size,
-        "text_vocab_size": header.text_vocab_size,
-        "frame_rate": header.frame_rate,
-        "sample_rate": first.sample_rate,
-        "shards": shards_meta,
-        "split": {"val_fraction": options.val_fraction, "split_by": options.split_by, "seed": options.seed,
-                  "speaker_depth": options.speaker_depth, "speaker_column": bool(speaker_columns)},
-        "filters": {"min_seconds": options.min_seconds, "max_seconds": options.max_seconds,
-                    "max_text_tokens": options.max_text_tokens},
-        "filtered": report.filtered,
-        "only_in": report.only_in,
-        "weights": {"chunks": [str(p) for p in chunks], "unscored": report.unscored},
-        "max_prompts": options.max_prompts,
-        "shard_mb": options.shard_mb,
-        "inputs": {"codes": [str(p) for p in codes], "phonemes": [str(p) for p in phonemes]},
-    }
-    index = df.select(*formats.SHARD_INDEX_SCHEMA, "path", "tokens")
-    return ShardPlan(index=index, header=header, n_shards=n_shards, meta=meta, report=report)
+    first_rows = np.searchsorted(shard, np.arange(n_shards))
+    return [{"file": formats.shard_name(i), "split": splits[int(first_rows[i])], "records": int(records[i]),
+             "elements": int(elements[i])} for i in range(n_shards)]
 
 
 def _check_options(options: ShardOptions) -> None:

@@ -1,6 +1,7 @@
 """Training examples of the codec LM: which task each utterance trains, and the padded batch arrays.
 
-For every utterance of a batch ``draw_examples`` picks (seed 000 "Tasks", reference notes §4):
+For every utterance of a batch ``draw_examples`` picks (the tasks of the reference project
+e-c-k-e-r/vall-e, as its model documentation describes them):
 
 * a target codebook level from ``levels`` (``auto``: linear-decreasing, level i with weight K - i,
   so level 0 (which carries most of the signal and the duration) is trained most; ``equal``; or
@@ -13,7 +14,7 @@ For every utterance of a batch ``draw_examples`` picks (seed 000 "Tasks", refere
 * CFG-aware dropout: with ``cond_dropout_p`` both text and prompt are dropped (the null condition
   of classifier-free guidance), with ``prompt_dropout_p`` the prompt alone.
 
-Audio continuation and in-fill (seed 003; ``window_examples``) use the same tasks on windows of
+Audio continuation and in-fill (``window_examples``) use the same tasks on windows of
 audio without text: continuation splits a window into a prompt (the past) and a response (what
 follows); in-fill takes prefix + SEP + suffix as the prompt and the middle as the response (the
 prefix-suffix-middle order of code in-filling), so the AR learns where the middle must stop.
@@ -44,7 +45,7 @@ KINDS = ("ar", "nar", "mask")
 class TaskConfig:
     levels: str | tuple[float, ...] = "auto"  # auto | equal | one probability per level
     masked_p: float = 0.25  # share of level-0 draws trained as NAR-len (masked) instead of AR
-    mask_ratio: float = 0.8  # fixed training mask ratio of NAR-len (seed 000: better than random ratios)
+    mask_ratio: float = 0.8  # fixed training mask ratio of NAR-len (e-c-k-e-r/vall-e: better than random ratios)
     cond_dropout_p: float = 0.05  # drop text + prompt: the CFG null condition
     prompt_dropout_p: float = 0.05  # drop the prompt only
     prompt_seconds: tuple[float, float] = (3.0, 6.0)  # prompt crop length range
@@ -234,9 +235,20 @@ def collate(examples: list[Example], codebook_size: int, unified_positions: bool
     if not examples:
         raise InputError("an empty batch")
     k = examples[0].codes.shape[0]
-    b, s = len(examples), max(sequence_length(e) for e in examples)
-    stop = codebook_size
-    out = SequenceBatch(
+    out = _empty_batch(len(examples), max(sequence_length(e) for e in examples), k, codebook_size)
+    for row, e in enumerate(examples):
+        if e.codes.shape[0] != k or e.prompt.shape[0] != k:
+            raise InputError(f"batch mixes codebook counts ({e.codes.shape[0]} vs {k})")
+        r0 = _lay_out_prefix(out, row, e, unified_positions)
+        out.lang[row], out.level[row] = e.lang, e.level
+        out.task[row] = task_token(e.kind, e.level, k)
+        _lay_out_response(out, row, e, r0)
+    return out
+
+
+def _empty_batch(b: int, s: int, k: int, codebook_size: int) -> SequenceBatch:
+    """A batch of b rows of s PAD positions: zeros, IGNORE targets, causal rows, no len head."""
+    return SequenceBatch(
         segment=np.zeros((b, s), np.int8), text=np.zeros((b, s), np.int64),
         prompt=np.zeros((b, k, s), np.int64), response=np.zeros((b, k, s), np.int64),
         positions=np.zeros((b, s), np.int64), lang=np.zeros(b, np.int64), task=np.zeros(b, np.int64),
@@ -244,43 +256,47 @@ def collate(examples: list[Example], codebook_size: int, unified_positions: bool
         len_position=np.full(b, -1, np.int64), len_target=np.full(b, -1, np.int64), n_codebooks=k,
         codebook_size=codebook_size,
     )
-    for row, e in enumerate(examples):
-        if e.codes.shape[0] != k or e.prompt.shape[0] != k:
-            raise InputError(f"batch mixes codebook counts ({e.codes.shape[0]} vs {k})")
-        n_text, n_frames = len(e.text), e.codes.shape[1]
-        has_sep = e.prompt_split >= 0
-        n_prompt = e.prompt.shape[1] + has_sep
-        n_resp = n_frames + (e.kind == "ar")
-        bounds = np.cumsum([0, n_text, 1, 1, n_prompt, n_resp])  # segment starts, and the end
-        kinds = (TEXT, LANG, TASK, PROMPT, RESPONSE)
-        for kind, start, stop_at in zip(kinds, bounds[:-1], bounds[1:], strict=True):
-            out.segment[row, start:stop_at] = kind
-            out.positions[row, start:stop_at] = (np.arange(start, stop_at) if unified_positions
-                                                 else np.arange(stop_at - start))
-        t0, p0, r0 = bounds[0], bounds[3], bounds[4]
-        out.text[row, t0:t0 + n_text] = e.text
-        if has_sep:  # prefix, SEP, suffix
-            cut = e.prompt_split
-            out.prompt[row, :, p0:p0 + cut] = e.prompt[:, :cut]
-            out.prompt[row, :, p0 + cut + 1:p0 + n_prompt] = e.prompt[:, cut:]
-            out.segment[row, p0 + cut] = SEP
-        else:
-            out.prompt[row, :, p0:p0 + n_prompt] = e.prompt
-        out.lang[row], out.level[row] = e.lang, e.level
-        out.task[row] = task_token(e.kind, e.level, k)
-        if e.kind == "ar":
-            out.response[row, 0, r0] = stop  # the start position
-            out.response[row, 0, r0 + 1:r0 + n_resp] = e.codes[0]
-            out.targets[row, r0:r0 + n_frames] = e.codes[0]
-            out.targets[row, r0 + n_frames] = stop
-        elif e.kind == "nar":
-            out.response[row, :e.level, r0:r0 + n_frames] = e.codes[:e.level]
-            out.targets[row, r0:r0 + n_frames] = e.codes[e.level]
-            out.bidir_start[row] = r0
-        else:  # mask
-            assert e.mask is not None
-            out.response[row, 0, r0:r0 + n_frames] = np.where(e.mask, stop, e.codes[0])
-            out.targets[row, r0:r0 + n_frames] = np.where(e.mask, e.codes[0], IGNORE)
-            out.bidir_start[row] = r0
-            out.len_position[row], out.len_target[row] = r0 - 1, n_frames
-    return out
+
+
+def _lay_out_prefix(out: SequenceBatch, row: int, e: Example, unified_positions: bool) -> int:
+    """Segments and positions of the whole row, text and prompt codes (+ SEP); returns where the response starts."""
+    n_text, n_frames = len(e.text), e.codes.shape[1]
+    has_sep = e.prompt_split >= 0
+    n_prompt = e.prompt.shape[1] + has_sep
+    n_resp = n_frames + (e.kind == "ar")
+    bounds = np.cumsum([0, n_text, 1, 1, n_prompt, n_resp])  # segment starts, and the end
+    kinds = (TEXT, LANG, TASK, PROMPT, RESPONSE)
+    for kind, start, stop_at in zip(kinds, bounds[:-1], bounds[1:], strict=True):
+        out.segment[row, start:stop_at] = kind
+        out.positions[row, start:stop_at] = (np.arange(start, stop_at) if unified_positions
+                                             else np.arange(stop_at - start))
+    t0, p0 = bounds[0], bounds[3]
+    out.text[row, t0:t0 + n_text] = e.text
+    if has_sep:  # prefix, SEP, suffix
+        cut = e.prompt_split
+        out.prompt[row, :, p0:p0 + cut] = e.prompt[:, :cut]
+        out.prompt[row, :, p0 + cut + 1:p0 + n_prompt] = e.prompt[:, cut:]
+        out.segment[row, p0 + cut] = SEP
+    else:
+        out.prompt[row, :, p0:p0 + n_prompt] = e.prompt
+    return int(bounds[4])
+
+
+def _lay_out_response(out: SequenceBatch, row: int, e: Example, r0: int) -> None:
+    """Response inputs, targets, attention and len head of one row, from position r0 (see ``collate``)."""
+    stop, n_frames = out.codebook_size, e.codes.shape[1]
+    if e.kind == "ar":
+        out.response[row, 0, r0] = stop  # the start position
+        out.response[row, 0, r0 + 1:r0 + n_frames + 1] = e.codes[0]
+        out.targets[row, r0:r0 + n_frames] = e.codes[0]
+        out.targets[row, r0 + n_frames] = stop
+    elif e.kind == "nar":
+        out.response[row, :e.level, r0:r0 + n_frames] = e.codes[:e.level]
+        out.targets[row, r0:r0 + n_frames] = e.codes[e.level]
+        out.bidir_start[row] = r0
+    else:  # mask
+        assert e.mask is not None
+        out.response[row, 0, r0:r0 + n_frames] = np.where(e.mask, stop, e.codes[0])
+        out.targets[row, r0:r0 + n_frames] = np.where(e.mask, e.codes[0], IGNORE)
+        out.bidir_start[row] = r0
+        out.len_position[row], out.len_target[row] = r0 - 1, n_frames

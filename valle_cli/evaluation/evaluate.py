@@ -183,7 +183,7 @@ def evaluate(manifest: str | os.PathLike[str], outputs: str | os.PathLike[str], 
     ``held_out`` names voices the model never trained on (``held_out_voices`` of a shard set): the
     summary then also gives every mean for those voices and for the others apart (``by_voice``)."""
     from valle_cli.evaluation.similarity import make_encoder
-    from valle_cli.generation.synthesizer import read_sample_manifest
+    from valle_cli.formats import read_sample_manifest
 
     _check_arguments(outputs, references, codec_references, lm)
     rows = read_sample_manifest(manifest)

@@ -79,7 +79,8 @@ def spectrogram_png(wav: np.ndarray, path: Path, sample_rate: int = AUDIO_RATE) 
 
 def training_curves(run: str | os.PathLike[str], path: Path) -> bool:
     """run/curves.png copied to ``path``, or redrawn from run/log.jsonl (run/ is not written); False if neither."""
-    from valle_cli.training.loop import CURVES_FILE, LOG_FILE, plot_curves
+    from valle_cli.formats import CURVES_FILE, LOG_FILE
+    from valle_cli.training.curves import plot_curves
 
     run = Path(run)
     if not run.is_dir():

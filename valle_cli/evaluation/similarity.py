@@ -272,28 +272,14 @@ class CodesEncoder:
         from valle_cli.generation.synthesizer import Synthesizer
 
         self._device = _resolve(device)
-        self._sampler = Synthesizer.load(checkpoint, self._device)
-        self._model = self._sampler.model
+        self._synth = Synthesizer.load(checkpoint, self._device)
+        self._model = self._synth.model
 
     def codes(self, path: Path) -> np.ndarray:
         """(K, T) int64 codes of the checkpoint's codec: read from a codes file, or encoded from audio."""
-        from valle_cli.codecs import check_same_codec, describe
-
-        if path.suffix.lower() == ".npz":
-            item = formats.read_codes(path)
-            check_same_codec(self._sampler.meta["codec"], item.codec, str(path))
-            codes = np.asarray(item.codes, np.int64)
-        else:
-            from valle_cli.codecs.quantize import quantize_file
-
-            codes = np.asarray(quantize_file(path, self._sampler.codec(), name=str(path)).codes, np.int64)
-        k, size = self._model.config.n_codebooks, self._model.prompt_emb[0].num_embeddings
-        if codes.shape[0] != k:
-            raise InputError(f"{path}: {codes.shape[0]} codebooks, the model has {k}")
+        codes = self._synth.codes_of(path)
         if codes.shape[1] == 0:
             raise InputError(f"{path}: no code frames")
-        if codes.min() < 0 or codes.max() >= size:
-            raise InputError(f"{path}: codes outside [0, {size}) of {describe(self._sampler.meta['codec'])}")
         return codes
 
     def embed(self, path: Path) -> np.ndarray:

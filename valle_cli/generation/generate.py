@@ -2,18 +2,19 @@
 
     codes = synthesize(model, requests, GenerateConfig(mode="ar+nar"), seed=0)   # list of (K, T)
 
-AR + NAR (seed 000): level 0 autoregressively (prefill the prefix once, then one cached step per
-frame until the stop token or ``max_frames``), then levels 1..K-1 in one bidirectional pass each
-(greedy by default). NAR-len: the duration from the len head (or given), then ``steps`` rounds of
-demasking level 0 on a cosine schedule: every round samples every masked frame, scores each
-sample by its *unfiltered* probability, keeps the best and re-masks the rest; a kept token is
-never re-masked (seed 000: without this the output stutters). CFG strength >= 2 there by default.
+AR + NAR (the VALL-E paper; one unified model as in e-c-k-e-r/vall-e): level 0 autoregressively
+(prefill the prefix once, then one cached step per frame until the stop token or ``max_frames``),
+then levels 1..K-1 in one bidirectional pass each (greedy by default). NAR-len: the duration from
+the len head (or given), then ``steps`` rounds of demasking level 0 on a cosine schedule (MaskGIT):
+every round samples every masked frame, scores each sample by its *unfiltered* probability, keeps
+the best and re-masks the rest; a kept token is never re-masked (e-c-k-e-r/vall-e's NAR-len: without
+this the output stutters). CFG strength >= 2 there by default.
 
-Samplers (``SamplingParams``, one per pass): repetition penalty over a window with decay, length
-penalty on the stop token, min-p, top-k, top-p, temperature (<= 0: greedy), classifier-free
-guidance ``c + s * (c - u)`` with std rescaling (s = 0 is plain sampling). Draws use the
-exponential-race trick on a seeded generator: no host synchronisation per step (finished rows
-are checked every ``sync_every`` steps).
+Samplers (``SamplingParams``, one per pass; ``params.py`` holds the knobs): repetition penalty over
+a window with decay, length penalty on the stop token, min-p, top-k, top-p, temperature (<= 0:
+greedy), classifier-free guidance ``c + s * (c - u)`` with std rescaling (s = 0 is plain sampling).
+Draws use the exponential-race trick on a seeded generator: no host synchronisation per step
+(finished rows are checked every ``sync_every`` steps).
 
 Batches: rows of different lengths are right-padded; every row keeps its own positions and a
 validity mask, so a batch gives each row exactly what it would get alone (greedy).
@@ -22,6 +23,7 @@ validity mask, so a batch gives each row exactly what it would get alone (greedy
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -32,39 +34,9 @@ from torch import Tensor
 
 from valle_cli.data import tasks
 from valle_cli.errors import InputError
+from valle_cli.generation.params import MODES, GenerateConfig, SamplingParams
 from valle_cli.model.masks import decode_step_mask, prefix_bidirectional_mask
 from valle_cli.model.valle import Batch, CodecLM
-
-MODES = ("ar+nar", "nar-len", "auto")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0  # <= 0: greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    min_p: float = 0.0  # keep tokens with p >= min_p * p_max; 0 = off
-    repetition_penalty: float = 1.0  # > 1 discourages codes seen in the last repetition_window frames
-    repetition_window: int = 75
-    repetition_decay: float = 0.0  # an occurrence d frames back counts (1 - decay) ** (d - 1)
-    length_penalty: float = 0.0  # AR: stop logit -= length_penalty * log(1 + frames): > 0 favours longer
-    cfg_strength: float = 0.0  # classifier-free guidance: c + s * (c - u); 0 = off
-    cfg_rescale: float = 0.75  # blend towards the rescaled guided logits (std of c), 0 = plain CFG
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    mode: str = "auto"  # ar+nar | nar-len | auto (ar+nar when the model has the AR capability)
-    ar: SamplingParams = SamplingParams(temperature=1.0, top_k=0, repetition_penalty=1.0)
-    nar: SamplingParams = SamplingParams(temperature=0.0)
-    demask: SamplingParams = SamplingParams(temperature=1.0, cfg_strength=2.5)  # NAR-len level 0
-    max_frames: int = 2250  # AR stops here at the latest (30 s at 75 frames/s)
-    min_frames: int = 1  # the stop token is banned before this many frames
-    steps: int = 25  # NAR-len demasking rounds
-    duration_padding: float = 1.0  # NAR-len: predicted length times this
-    sync_every: int = 16  # AR: check for all-finished rows every N steps (one host sync)
-    use_cache: bool = True  # False: recompute the whole sequence every AR step (the anchor's way; benchmarks)
-    compile: bool = False  # torch.compile the one-frame AR step (native transformer with its static cache)
 
 
 @dataclass
@@ -172,13 +144,24 @@ def _layout(model: CodecLM, examples: list[tasks.Example], device: str) -> Batch
     return Batch.from_numpy(sb, device)
 
 
+def _response_logits(head: Callable[[Tensor], Tensor], hidden: Tensor, batch: Batch, row: int, n: int, frames: int,
+                     cfg: bool) -> tuple[Tensor, Tensor | None]:
+    """(T, V) logits of the response of ``row``, and with ``cfg`` those of its null-condition row ``n + row``."""
+
+    def read(r: int) -> Tensor:
+        start = int(batch.bidir_start[r])
+        return head(hidden[r, start:start + frames]).float()
+
+    return read(row), read(n + row) if cfg else None
+
+
 # ----------------------------------------------------------------------------- AR (level 0)
 
 
 def step_function(model: CodecLM, compile: bool) -> Callable[..., Tensor]:
     """``step(x (B, 1, D), positions (B, 1), mask (B, 1, 1, S), cache) -> hidden (B, 1, D)``, compiled once per model.
 
-    Compiling needs the native backbone (its static cache is plain tensors; the HF caches are not
+    Compiling needs the native backbone (its KV cache is plain tensors; the HF caches are not
     traceable objects). The cache is an argument, not a closure, so its length stays symbolic and
     one compiled graph serves every step (dynamic shapes).
     """
@@ -199,85 +182,117 @@ def step_function(model: CodecLM, compile: bool) -> Callable[..., Tensor]:
     return compiled
 
 
-@torch.no_grad()
-def generate_ar(model: CodecLM, requests: list[Request], config: GenerateConfig,
-                generator: torch.Generator | None = None, stats: GenerateStats | None = None) -> list[np.ndarray]:
-    """Level-0 codes (T_i,) per request, up to (not including) the stop token."""
-    import time
+@dataclass
+class ARDecoder:
+    """The state the AR loop carries from frame to frame, for B rows (with CFG: the n requests, then their
+    n null-condition rows). ``h`` (B, D) is the hidden state the next frame is read from."""
 
-    start_time = time.perf_counter()
+    model: CodecLM
+    step: Callable[..., Tensor]  # the one-frame cached step (see step_function)
+    cache: Any  # the backbone's KV cache; None: recompute the whole sequence every frame
+    valid: Tensor  # (B, S0 + max_frames) bool: the filled, non-padding slots
+    prefix_len: int  # S0: the padded prefix length
+    next_position: Tensor  # (B,) position of each row's next frame
+    step_needs_mask: bool  # padded rows need a step mask; without padding plain causal attention (flash) runs
+    h: Tensor  # (B, D)
+    seq_x: Tensor | None  # without a cache: the whole sequence so far (B, S, D)
+    seq_pos: Tensor | None  # and its positions (B, S)
+
+    def feed(self, token: Tensor, t: int) -> None:
+        """Append frame ``t`` (token (B,)) to every row and move ``h`` to it."""
+        x = self.model.resp_ar(token)[:, None]  # (B, 1, D)
+        s = self.prefix_len + t + 1  # slots filled once this frame is in
+        self.valid[:, s - 1] = True
+        positions = self.next_position[:, None]  # (B, 1)
+        if self.cache is not None:
+            mask = decode_step_mask(self.valid[:, :s], 1) if self.step_needs_mask else None
+            self.h = self.step(x, positions, mask, self.cache)[:, 0]
+        else:  # recompute everything, as e-c-k-e-r/vall-e does
+            self.seq_x, self.seq_pos = torch.cat([self.seq_x, x], 1), torch.cat([self.seq_pos, positions], 1)
+            causal = torch.full((len(token),), s, dtype=torch.long, device=token.device)  # no bidirectional part
+            mask = prefix_bidirectional_mask(self.valid[:, :s], causal)
+            self.h = self.model.backbone(self.seq_x, self.seq_pos, mask).hidden[:, -1]
+        self.next_position = self.next_position + 1
+
+
+def ar_prefill(model: CodecLM, requests: list[Request], config: GenerateConfig, cfg: bool) -> ARDecoder:
+    """Lay out the AR prefixes (text, lang, task, prompt; with ``cfg`` also the null-condition rows) and run
+    them through the backbone once, filling the KV cache; the decoder is ready for the first frame."""
     device = next(model.parameters()).device
-    k, stop = model.config.n_codebooks, model.config.codebook_size
-    sampler = config.ar
-    cfg = sampler.cfg_strength != 0
-    n = len(requests)
-    empty = [np.zeros((k, 0), np.int64)] * n
+    empty = [np.zeros((model.config.n_codebooks, 0), np.int64)] * len(requests)
     batch = _layout(model, _examples(requests, "ar", empty, 0, cfg), str(device))
     b, s0 = batch.segment.shape
-    valid_prefix = batch.segment != tasks.PAD
-    last = valid_prefix.sum(1) - 1  # (B,) the start position of each row
-    max_frames = config.max_frames
-    total = s0 + max_frames
-    valid = torch.zeros(b, total, dtype=torch.bool, device=device)
+    valid_prefix = batch.segment != tasks.PAD  # (B, S0)
+    last = valid_prefix.sum(1) - 1  # (B,) each row's last prefix slot
+    valid = torch.zeros(b, s0 + config.max_frames, dtype=torch.bool, device=device)
     valid[:, :s0] = valid_prefix
-    next_position = batch.positions.gather(1, last[:, None]).squeeze(1) + 1  # (B,)
     x = model.embed(batch)  # (B, S0, D)
-    backbone = model.backbone
-    step_fn = step_function(model, config.compile and config.use_cache)
+    step = step_function(model, config.compile and config.use_cache)
     mask = prefix_bidirectional_mask(valid_prefix, batch.bidir_start)
-    # Rows without padding need no step mask: plain causal attention, which flash kernels can run.
-    step_needs_mask = not bool(valid_prefix.all())
-    cache_dtype = x.dtype  # under autocast the keys / values are made in the autocast dtype: store them so
-    if torch.is_autocast_enabled(device.type):
-        cache_dtype = torch.get_autocast_dtype(device.type)
+    cache = None
     if config.use_cache:
-        cache = backbone.new_cache(b, total, device, cache_dtype)
-        hidden = backbone(x, batch.positions, mask, cache=cache).hidden
-    else:
-        cache = None
-        hidden = backbone(x, batch.positions, mask).hidden
-        seq_x, seq_pos = x, batch.positions
-    h = hidden[torch.arange(b, device=device), last]  # (B, D)
+        cache = model.backbone.new_cache(b, s0 + config.max_frames, device, _cache_dtype(x, device))
+    hidden = model.backbone(x, batch.positions, mask, cache=cache).hidden  # (B, S0, D)
+    return ARDecoder(model=model, step=step, cache=cache, valid=valid, prefix_len=s0,
+                     next_position=batch.positions.gather(1, last[:, None]).squeeze(1) + 1,
+                     step_needs_mask=not bool(valid_prefix.all()), h=hidden[torch.arange(b, device=device), last],
+                     seq_x=None if config.use_cache else x, seq_pos=None if config.use_cache else batch.positions)
 
-    out = torch.full((n, max_frames), stop, dtype=torch.long, device=device)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    steps = 0
-    for t in range(max_frames):
-        logits = model.head_ar(h).float()  # (B, V + 1)
-        if t < config.min_frames:
-            logits[:, stop] = -math.inf
-        cond, uncond = (logits[:n], logits[n:]) if cfg else (logits, None)
-        token = sample_tokens(cond, sampler, generator, history=out[:, max(0, t - sampler.repetition_window):t],
-                              uncond=uncond, step=t, stop=stop)
-        token = torch.where(done, stop, token)
-        out[:, t] = token
-        done |= token == stop
-        steps = t + 1
-        if (t + 1) % config.sync_every == 0 and bool(done.all()):
-            break
-        if t + 1 == max_frames:
-            break
-        fed = token.repeat(2) if cfg else token  # the null rows continue the same response
-        x_step = model.resp_ar(fed)[:, None]  # (B, 1, D)
-        valid[:, s0 + t] = True
-        positions = next_position[:, None]
-        if cache is not None:
-            step_mask = decode_step_mask(valid[:, :s0 + t + 1], 1) if step_needs_mask else None
-            h = step_fn(x_step, positions, step_mask, cache)[:, 0]
-        else:  # recompute everything, as the anchor does
-            seq_x, seq_pos = torch.cat([seq_x, x_step], 1), torch.cat([seq_pos, positions], 1)
-            full_mask = prefix_bidirectional_mask(valid[:, :s0 + t + 1], torch.full_like(last, s0 + t + 1))
-            h = backbone(seq_x, seq_pos, full_mask).hidden[:, -1]
-        next_position = next_position + 1
-    if stats is not None:
-        stats.ar_frames += steps
-        stats.ar_seconds += time.perf_counter() - start_time
-    codes = out[:, :steps].cpu().numpy()
+
+def _cache_dtype(x: Tensor, device: torch.device) -> torch.dtype:
+    """Under autocast the keys / values are made in the autocast dtype: store them in it."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return x.dtype
+
+
+def ar_next_token(model: CodecLM, h: Tensor, out: Tensor, t: int, config: GenerateConfig, cfg: bool,
+                  generator: torch.Generator | None) -> Tensor:
+    """(n,) frame ``t`` of every request from ``h`` (B, D); ``out`` (n, max_frames) holds the frames so far."""
+    params, stop, n = config.ar, model.config.codebook_size, out.shape[0]
+    logits = model.head_ar(h).float()  # (B, V + 1)
+    if t < config.min_frames:
+        logits[:, stop] = -math.inf
+    cond, uncond = (logits[:n], logits[n:]) if cfg else (logits, None)
+    history = out[:, max(0, t - params.repetition_window):t]
+    return sample_tokens(cond, params, generator, history=history, uncond=uncond, step=t, stop=stop)
+
+
+def _until_stop(codes: np.ndarray, stop: int) -> list[np.ndarray]:
+    """Each row of (n, T) codes up to (not including) its first stop token."""
     results = []
     for row in codes:
         stops = np.flatnonzero(row == stop)
         results.append(row[:stops[0]] if len(stops) else row)
     return results
+
+
+@torch.no_grad()
+def generate_ar(model: CodecLM, requests: list[Request], config: GenerateConfig,
+                generator: torch.Generator | None = None, stats: GenerateStats | None = None) -> list[np.ndarray]:
+    """Level-0 codes (T_i,) per request, up to (not including) the stop token."""
+    start_time = time.perf_counter()
+    cfg = config.ar.cfg_strength != 0
+    decoder = ar_prefill(model, requests, config, cfg)
+    n, stop, device = len(requests), model.config.codebook_size, decoder.valid.device
+    out = torch.full((n, config.max_frames), stop, dtype=torch.long, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    steps = 0
+    for t in range(config.max_frames):
+        token = ar_next_token(model, decoder.h, out, t, config, cfg, generator)
+        token = torch.where(done, stop, token)  # a finished row keeps emitting the stop token
+        out[:, t] = token
+        done |= token == stop
+        steps = t + 1
+        if steps % config.sync_every == 0 and bool(done.all()):  # one host sync every sync_every frames
+            break
+        if steps == config.max_frames:
+            break
+        decoder.feed(token.repeat(2) if cfg else token, t)  # the null rows continue the same response
+    if stats is not None:
+        stats.ar_frames += steps
+        stats.ar_seconds += time.perf_counter() - start_time
+    return _until_stop(out[:, :steps].cpu().numpy(), stop)
 
 
 # ----------------------------------------------------------------------------- NAR (levels 1..K-1)
@@ -287,8 +302,6 @@ def generate_ar(model: CodecLM, requests: list[Request], config: GenerateConfig,
 def generate_nar(model: CodecLM, requests: list[Request], level0: list[np.ndarray], config: GenerateConfig,
                  generator: torch.Generator | None = None, stats: GenerateStats | None = None) -> list[np.ndarray]:
     """(K, T_i) codes per request: level 0 given, each further level from the ones below in one pass."""
-    import time
-
     start_time = time.perf_counter()
     device = str(next(model.parameters()).device)
     k = model.config.n_codebooks
@@ -297,24 +310,18 @@ def generate_nar(model: CodecLM, requests: list[Request], level0: list[np.ndarra
         full = np.zeros((k, len(row)), np.int64)
         full[0] = row
         codes.append(full)
-    sampler = config.nar
-    cfg = sampler.cfg_strength != 0
+    params = config.nar
+    cfg = params.cfg_strength != 0
     n = len(requests)
     for level in range(1, k):
         batch = _layout(model, _examples(requests, "nar", codes, level, cfg), device)
         hidden = model.hidden_states(batch)[0]
         head = model.head_nar[level - 1]
         for i in range(n):
-            t = codes[i].shape[1]
-            if t == 0:
+            if codes[i].shape[1] == 0:
                 continue
-            r0 = int(batch.bidir_start[i])
-            logits = head(hidden[i, r0:r0 + t]).float()  # (T, V)
-            uncond = None
-            if cfg:
-                u0 = int(batch.bidir_start[n + i])
-                uncond = head(hidden[n + i, u0:u0 + t]).float()
-            codes[i][level] = sample_tokens(logits, sampler, generator, uncond=uncond).cpu().numpy()
+            logits, uncond = _response_logits(head, hidden, batch, i, n, codes[i].shape[1], cfg)  # (T, V) each
+            codes[i][level] = sample_tokens(logits, params, generator, uncond=uncond).cpu().numpy()
     if stats is not None:
         stats.nar_seconds += time.perf_counter() - start_time
     return codes
@@ -338,60 +345,70 @@ def predict_durations(model: CodecLM, requests: list[Request], config: GenerateC
     return [int(min(max(f, 1), config.max_frames)) for f in padded]
 
 
+def nar_len_durations(model: CodecLM, requests: list[Request], config: GenerateConfig) -> list[int]:
+    """Frames per request: its ``duration``, else the len head's prediction; within 1..max_frames."""
+    predicted = None
+    if any(r.duration is None for r in requests):
+        predicted = predict_durations(model, requests, config)
+    lengths = [r.duration if r.duration is not None else predicted[i] for i, r in enumerate(requests)]
+    return [int(min(max(t, 1), config.max_frames)) for t in lengths]
+
+
+def remask(tokens: np.ndarray, masked: np.ndarray, sampled: np.ndarray, scores: np.ndarray, progress: float,
+           last_round: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Fill the masked frames of (T,) ``tokens`` with their samples, then mask again the lowest-scored of them:
+    floor(T cos(pi/2 progress)) frames (the cosine schedule), always at least one fewer than before and none
+    after the last round. Kept tokens are never masked again. Returns the new tokens and mask."""
+    t = len(tokens)
+    tokens = np.where(masked, sampled, tokens)
+    scores = np.where(masked, scores, np.inf)
+    n_masked = int(math.floor(t * math.cos(math.pi / 2 * progress)))
+    n_masked = min(n_masked, int(masked.sum()) - 1) if not last_round else 0
+    new_mask = np.zeros(t, bool)
+    if n_masked > 0:
+        new_mask[np.argsort(scores, kind="stable")[:n_masked]] = True
+    return tokens, new_mask
+
+
+def demask_round(model: CodecLM, requests: list[Request], tokens: list[np.ndarray], masked: list[np.ndarray],
+                 step: int, config: GenerateConfig, generator: torch.Generator | None) -> None:
+    """Round ``step`` of demasking: sample every masked frame of every row, keep the best (``tokens`` and
+    ``masked`` are updated in place). Guidance grows and the temperature falls with the rounds."""
+    params, k, n = config.demask, model.config.n_codebooks, len(requests)
+    progress = (step + 1) / config.steps
+    strength = params.cfg_strength * progress if params.cfg_strength else 0.0  # annealed guidance
+    cfg = strength != 0
+    temperature = params.temperature * (1 - progress) if params.temperature > 0 else params.temperature
+    draw_params = replace(params, temperature=temperature, cfg_strength=0.0)  # guidance is applied before the draw
+    codes = []
+    for i in range(n):
+        c = np.zeros((k, len(tokens[i])), np.int64)
+        c[0] = np.where(masked[i], 0, tokens[i])
+        codes.append(c)
+    batch = _layout(model, _examples(requests, "mask", codes, 0, cfg, masked), str(next(model.parameters()).device))
+    hidden = model.hidden_states(batch)[0]
+    for i in range(n):
+        logits, uncond = _response_logits(model.head_mask, hidden, batch, i, n, len(tokens[i]), cfg)  # (T, V) each
+        guided = guide(logits, uncond, strength, params.cfg_rescale)  # once: for the draw and the scores
+        sampled = sample_tokens(guided, draw_params, generator)  # (T,)
+        # scores from the unfiltered probabilities of what was drawn
+        scores = guided.softmax(-1).gather(1, sampled[:, None]).squeeze(1).cpu().numpy()
+        tokens[i], masked[i] = remask(tokens[i], masked[i], sampled.cpu().numpy(), scores, progress,
+                                      last_round=step + 1 == config.steps)
+
+
 @torch.no_grad()
 def generate_nar_len(model: CodecLM, requests: list[Request], config: GenerateConfig,
                      generator: torch.Generator | None = None, stats: GenerateStats | None = None,
                      on_step: Callable[[int, list[np.ndarray], list[np.ndarray]], None] | None = None
                      ) -> list[np.ndarray]:
     """Level-0 codes (T_i,) per request by iterative demasking; ``on_step(i, codes, masked)`` sees every round."""
-    import time
-
     start_time = time.perf_counter()
-    device = str(next(model.parameters()).device)
-    k = model.config.n_codebooks
-    predicted = None
-    if any(r.duration is None for r in requests):
-        predicted = predict_durations(model, requests, config)
-    lengths = [r.duration if r.duration is not None else predicted[i] for i, r in enumerate(requests)]
-    lengths = [int(min(max(t, 1), config.max_frames)) for t in lengths]
-    sampler = config.demask
-    n = len(requests)
+    lengths = nar_len_durations(model, requests, config)
     tokens = [np.zeros(t, np.int64) for t in lengths]
     masked = [np.ones(t, bool) for t in lengths]
     for step in range(config.steps):
-        progress = (step + 1) / config.steps
-        strength = sampler.cfg_strength * progress if sampler.cfg_strength else 0.0  # annealed guidance
-        cfg = strength != 0
-        step_sampler = replace(sampler, temperature=sampler.temperature * (1 - progress) if sampler.temperature > 0
-                               else sampler.temperature, cfg_strength=strength)
-        codes = []
-        for i in range(n):
-            c = np.zeros((k, lengths[i]), np.int64)
-            c[0] = np.where(masked[i], 0, tokens[i])
-            codes.append(c)
-        batch = _layout(model, _examples(requests, "mask", codes, 0, cfg, masked), device)
-        hidden = model.hidden_states(batch)[0]
-        for i in range(n):
-            t = lengths[i]
-            r0 = int(batch.bidir_start[i])
-            logits = model.head_mask(hidden[i, r0:r0 + t]).float()  # (T, V)
-            uncond = None
-            if cfg:
-                u0 = int(batch.bidir_start[n + i])
-                uncond = model.head_mask(hidden[n + i, u0:u0 + t]).float()
-            guided = guide(logits, uncond, strength, sampler.cfg_rescale)  # once: for the draw and the scores
-            sampled = sample_tokens(guided, replace(step_sampler, cfg_strength=0.0), generator)  # (T,)
-            # scores from the unfiltered probabilities of what was drawn; kept tokens are never re-masked
-            scores = guided.softmax(-1).gather(1, sampled[:, None]).squeeze(1).cpu().numpy()
-            was_masked = masked[i]
-            tokens[i] = np.where(was_masked, sampled.cpu().numpy(), tokens[i])
-            scores = np.where(was_masked, scores, np.inf)
-            n_masked = int(math.floor(t * math.cos(math.pi / 2 * progress)))
-            n_masked = min(n_masked, int(was_masked.sum()) - 1) if step + 1 < config.steps else 0
-            new_mask = np.zeros(t, bool)
-            if n_masked > 0:
-                new_mask[np.argsort(scores, kind="stable")[:n_masked]] = True
-            masked[i] = new_mask
+        demask_round(model, requests, tokens, masked, step, config, generator)
         if on_step is not None:
             on_step(step, [x.copy() for x in tokens], [m.copy() for m in masked])
     if stats is not None:
@@ -469,7 +486,7 @@ def synthesize_long(model: CodecLM, sentences: list[np.ndarray], prompt: np.ndar
     return joined, [s.shape[1] for s in segments]
 
 
-# ----------------------------------------------------------------------------- continuation and in-fill (seed 003)
+# ----------------------------------------------------------------------------- continuation and in-fill (no text)
 
 
 def continue_audio(model: CodecLM, prompt: np.ndarray, frames: int, config: GenerateConfig, rollouts: int = 1,

@@ -9,7 +9,8 @@ same codec as the model); several prompts are joined in time and cropped to ``pr
 Text is phonemized and tokenized exactly as the training text was (the settings travel in the
 checkpoint). Several sentences are generated one by one, each prompted by the reference and the
 previous ``context_history`` outputs, and every segment is kept: the npz holds the joined codes
-and a ``segments`` array of frames per sentence.
+and a ``segments`` array of frames per sentence. ``tts_manifest`` writes one npz per row of an
+id|text|prompt manifest, in batches.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,8 @@ import numpy as np
 
 from valle_cli import checkpoint as ckpt
 from valle_cli import formats
-from valle_cli.codecs import check_same_codec, codec_from_spec
-from valle_cli.errors import InputError
+from valle_cli.codecs import check_same_codec, codec_from_spec, describe
+from valle_cli.errors import InputError, PartialFailure, ValleError
 from valle_cli.generation.generate import (
     GenerateConfig,
     GenerateStats,
@@ -38,6 +40,16 @@ from valle_cli.generation.generate import (
 )
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+(?=\S)")
+
+
+@dataclass
+class ManifestReport:
+    """What ``Synthesizer.tts_manifest`` did."""
+
+    rows: int = 0  # rows of the manifest
+    written: int = 0  # npz files this run wrote
+    skipped: int = 0  # rows whose npz was already there
+    failures: dict[str, str] = field(default_factory=dict)  # row id -> reason
 
 
 def split_sentences(text: str) -> list[str]:
@@ -88,23 +100,30 @@ class Synthesizer:
 
     # -- inputs
 
+    def codes_of(self, source: str | os.PathLike[str] | bytes, what: str | None = None) -> np.ndarray:
+        """(K, T) int64 codes of the model's codec from one file: a codes npz (bytes: one read from stdin),
+        which must come from that codec, or audio, encoded with it. ``what`` names the file in errors."""
+        name = "<stdin>" if isinstance(source, bytes) else str(source)
+        what = what or name
+        if isinstance(source, bytes) or Path(source).suffix.lower() == ".npz":
+            item = formats.codes_from_bytes(source) if isinstance(source, bytes) else formats.read_codes(source)
+            check_same_codec(self.meta["codec"], item.codec, what)
+            codes = np.asarray(item.codes, np.int64)
+        else:
+            from valle_cli.codecs.quantize import quantize_file
+
+            codes = np.asarray(quantize_file(source, self.codec(), name=name).codes, np.int64)
+        k, size = self.model.config.n_codebooks, self.model.config.codebook_size
+        if codes.shape[0] != k:
+            raise InputError(f"{what}: {codes.shape[0]} codebooks, the model has {k}")
+        if codes.size and (codes.min() < 0 or codes.max() >= size):
+            raise InputError(f"{what}: codes outside [0, {size}) of {describe(self.meta['codec'])}")
+        return codes
+
     def prompt_codes(self, prompts: list[str | os.PathLike[str] | bytes], prompt_seconds: float | None) -> np.ndarray:
         """(K, P) codes of the prompts joined in time, cropped to the first ``prompt_seconds``."""
+        parts = [self.codes_of(p, "prompt " + ("<stdin>" if isinstance(p, bytes) else str(p))) for p in prompts]
         k = self.model.config.n_codebooks
-        parts = []
-        for prompt in prompts:
-            name = "<stdin>" if isinstance(prompt, bytes) else str(prompt)
-            if isinstance(prompt, bytes) or str(prompt).endswith(".npz"):
-                item = formats.read_codes(prompt) if not isinstance(prompt, bytes) else formats.codes_from_bytes(prompt)
-                check_same_codec(self.meta["codec"], item.codec, f"prompt {name}")
-                codes = np.asarray(item.codes, np.int64)
-            else:
-                from valle_cli.codecs.quantize import quantize_file
-
-                codes = np.asarray(quantize_file(prompt, self.codec(), name=name).codes, np.int64)
-            if codes.shape[0] != k:
-                raise InputError(f"prompt {name}: {codes.shape[0]} codebooks, the model has {k}")
-            parts.append(codes)
         joined = np.concatenate(parts, axis=1) if parts else np.zeros((k, 0), np.int64)
         if prompt_seconds is not None and prompt_seconds > 0:
             joined = joined[:, :max(1, int(round(prompt_seconds * self.frame_rate)))]
@@ -154,6 +173,67 @@ class Synthesizer:
         requests = [Request(self.text_tokens(t), p, lang) for t, p in zip(texts, prompts, strict=True)]
         with self.autocast():
             return [self.to_codes(c) for c in synthesize(self.model, requests, config, seed, stats)]
+
+    def tts_manifest(self, manifest: str | os.PathLike[str], out: str | os.PathLike[str],
+                     config: GenerateConfig = GenerateConfig(), *, prompt_seconds: float | None = None, lang: int = 0,
+                     batch_size: int = 8, seed: int | None = None, overwrite: bool = False,
+                     stats: GenerateStats | None = None,
+                     on_progress: Callable[[int], None] | None = None) -> ManifestReport:
+        """``<out>/<id>.npz`` for every row of an id|text|prompt manifest (``formats.read_sample_manifest``).
+
+        Rows whose npz exists are skipped unless ``overwrite``. Single-sentence rows are generated
+        ``batch_size`` at a time (the batch that starts at single-sentence row i is seeded ``seed + i``),
+        then the long-form rows one by one. A failed row does not stop the others: once every good row is
+        written, PartialFailure lists the failed ones. ``on_progress(n)``: n more rows done or skipped.
+        """
+        rows = formats.read_sample_manifest(manifest)
+        out = Path(out)
+        todo = [row for row in rows if overwrite or not (out / f"{row[0]}.npz").exists()]
+        report = ManifestReport(rows=len(rows), skipped=len(rows) - len(todo))
+        advance = on_progress or (lambda n: None)
+        advance(report.skipped)
+        single = [row for row in todo if len(split_sentences(row[1])) == 1]
+        for start in range(0, len(single), batch_size):
+            chunk = single[start:start + batch_size]
+            self._tts_rows_together(chunk, out, config, prompt_seconds, lang,
+                                    None if seed is None else seed + start, stats, report)
+            advance(len(chunk))
+        for uid, text, prompts in (row for row in todo if len(split_sentences(row[1])) != 1):
+            try:
+                item = self.tts(text, prompts, config, prompt_seconds=prompt_seconds, lang=lang, seed=seed,
+                                stats=stats)
+                formats.write_codes(out / f"{uid}.npz", item)
+                report.written += 1
+            except ValleError as e:
+                report.failures[uid] = str(e)
+            advance(1)
+        if report.failures:
+            raise PartialFailure(f"{len(report.failures)} row(s) of {manifest} failed ({report.written} sampled, "
+                                 f"{report.skipped} already done)", report.failures)
+        return report
+
+    def _tts_rows_together(self, rows: list[tuple[str, str, list[str]]], out: Path, config: GenerateConfig,
+                           prompt_seconds: float | None, lang: int, seed: int | None, stats: GenerateStats | None,
+                           report: ManifestReport) -> None:
+        """One batch of single-sentence manifest rows: a row whose prompt fails is left out of the batch,
+        a batch that fails fails all its rows (in ``report.failures``)."""
+        cut = self.default_prompt_seconds() if prompt_seconds is None else prompt_seconds
+        ready = []
+        for uid, text, prompts in rows:
+            try:
+                ready.append((uid, text, self.prompt_codes(prompts, cut)))
+            except ValleError as e:
+                report.failures[uid] = str(e)
+        if not ready:
+            return
+        try:
+            items = self.tts_batch([text for _, text, _ in ready], [p for _, _, p in ready], config, lang, seed, stats)
+        except ValleError as e:
+            report.failures.update({uid: str(e) for uid, _, _ in ready})
+            return
+        for (uid, _, _), item in zip(ready, items, strict=True):
+            formats.write_codes(out / f"{uid}.npz", item)
+            report.written += 1
 
     def continuation(self, prompts: list[Any], seconds: float, config: GenerateConfig, rollouts: int = 1,
                      context_seconds: float | None = None, lang: int = 0, seed: int | None = None,
@@ -213,36 +293,6 @@ class Synthesizer:
         if self.device.startswith("cuda") and torch.cuda.is_bf16_supported():
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-
-def read_sample_manifest(path: str | os.PathLike[str]) -> list[tuple[str, str, list[str]]]:
-    """(id, text, prompts) rows of an ``id|text|prompt`` table ('|', tab or ',' separated; '+' joins prompts).
-
-    A header row (id, text, prompt) is skipped; relative prompt paths are relative to the table.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such manifest")
-    lines = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    if not lines:
-        raise InputError(f"{path}: empty manifest")
-    delimiter = next((d for d in ("|", "\t", ",") if all(d in line for line in lines)), None)
-    if delimiter is None:
-        raise InputError(f"{path}: expected id|text|prompt rows ('|', tab or ',' separated)")
-    rows, seen = [], set()
-    for number, line in enumerate(lines, 1):
-        cells = [c.strip() for c in line.split(delimiter)]
-        if number == 1 and [c.lower() for c in cells[:3]] == ["id", "text", "prompt"]:
-            continue
-        if len(cells) != 3 or not all(cells):
-            raise InputError(f"{path}:{number}: expected 3 non-empty fields id{delimiter}text{delimiter}prompt")
-        uid, text, prompt = cells
-        if uid in seen:
-            raise InputError(f"{path}:{number}: id {uid!r} appears twice")
-        seen.add(uid)
-        prompts = [str(p if Path(p).is_absolute() else path.parent / p) for p in prompt.split("+")]
-        rows.append((uid, text, prompts))
-    return rows
 
 
 def source_id(path: Path, known: list[str]) -> str:

@@ -4,7 +4,7 @@
 states) and the codec LM around it (vocabularies, embeddings, heads, tasks). The three
 backbones read the fields they need:
 
-    transformer  our own (seed 004): RMSNorm pre-norm, SwiGLU, GQA, RoPE with llama-3 scaling,
+    transformer  our own, after Llama 3: RMSNorm pre-norm, SwiGLU, GQA, RoPE with llama-3 scaling,
                  QK-norm, NoPE layers every n, chunked local attention, MoE with a shared expert
     llama        transformers' LlamaModel built from a LlamaConfig (no download)
     mixtral      transformers' MixtralModel (MoE; router load-balancing loss)
@@ -52,7 +52,7 @@ class ModelConfig:
     router_aux_loss: float = 0.01  # weight of the load-balancing loss added to the training loss
     attention: str = "auto"  # auto | sdpa | flash | math (see model/attention.py)
     gradient_checkpointing: bool = False
-    # -- the codec LM around the backbone (seeds 000-002)
+    # -- the codec LM around the backbone (VALL-E's AR + NAR, plus NAR-len)
     n_codebooks: int = 8  # K: codebook levels of the codec
     codebook_size: int = 1024  # codes per level; id codebook_size is the stop / mask token
     text_vocab_size: int = 256
@@ -98,16 +98,40 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_positions=2048),
     "small": dict(dim=256, n_layers=6, n_heads=4, ffn_dim=768),
     "base": dict(dim=512, n_layers=12, n_heads=8, ffn_dim=2048),
-    # the anchor's reference size: 1024-dim, 16 heads, 12 layers, FFN 4x: about 220M parameters
+    # the reference size of e-c-k-e-r/vall-e: 1024-dim, 16 heads, 12 layers, FFN 4x: about 220M parameters
     "full": dict(dim=1024, n_layers=12, n_heads=16, ffn_dim=4096),
 }
+
+
+# Routed experts per preset, used when an MoE backbone is chosen (arch mixtral) without saying how many.
+MOE_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(moe_experts=4, moe_top_k=2),
+    "small": dict(moe_experts=8, moe_top_k=2),
+    "base": dict(moe_experts=8, moe_top_k=2),
+    "full": dict(moe_experts=8, moe_top_k=2),
+}
+
+
+def with_moe_defaults(name: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (a model config as a dict) with the preset's MoE sizes filled in where the user gave none.
+
+    arch mixtral is MoE in every layer, so it gets the preset's experts when ``moe_experts`` is unset;
+    any arch with experts but no ``moe_top_k`` routes to the preset's top-k (at most the experts)."""
+    moe = MOE_PRESETS.get(name, MOE_PRESETS["small"])
+    out = dict(values)
+    if out.get("arch") == "mixtral" and "moe_experts" not in out:
+        out["moe_experts"] = moe["moe_experts"]
+    experts = int(out.get("moe_experts") or 0)
+    if experts > 0 and "moe_top_k" not in out:
+        out["moe_top_k"] = min(moe["moe_top_k"], experts)
+    return out
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
     """A preset by name, with any field overridden (``preset("tiny", arch="llama")``)."""
     if name not in PRESETS:
         raise InputError(f"--preset {name!r}: expected one of {', '.join(PRESETS)}")
-    return ModelConfig(**{**PRESETS[name], **overrides})
+    return ModelConfig(**with_moe_defaults(name, {**PRESETS[name], **overrides}))
 
 
 def override(config: ModelConfig, **changes: Any) -> ModelConfig:

@@ -1,4 +1,4 @@
-"""Checkpoints -> models: what ``valle sample`` and ``valle train --merge-lora`` build from a folder."""
+"""Checkpoints -> models: what ``valle sample``, ``train --merge-lora`` and ``train --init-from`` load."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ def load_model(path: str | os.PathLike[str], device: str = "cpu", which: str = "
     """(CodecLM in eval mode on ``device``, checkpoint config) from a checkpoint or a run folder."""
     from valle_cli.model.config import ModelConfig
     from valle_cli.model.valle import CodecLM
-    from valle_cli.training.loop import load_into
 
     folder = ckpt.resolve_checkpoint(path, which)
     meta = ckpt.read_meta(folder)  # format version first: nothing else is trusted before it
@@ -26,6 +25,19 @@ def load_model(path: str | os.PathLike[str], device: str = "cpu", which: str = "
         apply_lora(model.backbone, LoraConfig.from_dict(meta["lora"]))
     load_into(model, ckpt.load_weights(folder), str(folder))
     return model.to(device).eval(), meta
+
+
+def load_into(model: Any, weights: dict[str, Any], source: str) -> None:
+    """Load weights by name; every tensor must be present with the same shape (one clear message if not)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    wrong = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        first = (missing or unexpected or wrong)[0]
+        raise InputError(f"{source}: weights do not fit this model ({len(missing)} missing, {len(unexpected)} "
+                         f"unexpected, {len(wrong)} of another shape; first: {first})")
+    model.load_state_dict(weights)
 
 
 def merge_lora_checkpoint(source: str | os.PathLike[str], out: str | os.PathLike[str], overwrite: bool = False) -> Path:

@@ -1,8 +1,8 @@
 """Attention masks of the codec LM: a causal prefix, then (optionally) a bidirectional response.
 
-Every sequence is ``<text> <lang> <task> <prompt> <response>`` (seed 000). The AR task is causal
-everywhere. NAR and NAR-len tasks keep the prefix causal and let the response attend to the
-whole response (and everything before it). One boolean mask describes every row of a batch:
+Every sequence is ``<text> <lang> <task> <prompt> <response>`` (as in e-c-k-e-r/vall-e). The AR
+task is causal everywhere. NAR and NAR-len tasks keep the prefix causal and let the response
+attend to the whole response (and everything before it). One boolean mask describes every row of a batch:
 
     mask[b, 0, i, j] = valid[b, j] and (j <= i or i >= bidir_start[b]) or i == j
 

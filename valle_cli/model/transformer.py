@@ -1,4 +1,4 @@
-"""Our own backbone (seed 004, Llama-4 style): embeddings in, normalised hidden states out.
+"""Our own backbone, in the style of Llama 4: embeddings in, normalised hidden states out.
 
     x -> [ h = x + Attention(RMSNorm(x)) ; x = h + FFN-or-MoE(RMSNorm(h)) ] * n_layers -> RMSNorm
 
@@ -17,8 +17,11 @@ The caller owns the embeddings and output heads (``model/__init__.py`` describes
 * FFN: SwiGLU ``w2(silu(w1 x) * w3 x)``. MoE layers (``config.is_moe_layer``): a router, top-k softmax
   gates renormalised over the chosen k, experts as stacked weight tensors, an always-on shared expert,
   and a Switch-style load-balancing loss returned as ``aux_loss``.
-* KV cache: preallocated per-layer buffers (B, Hkv, max_len, Dh) written in place, so a cached decode
-  step is a fixed sequence of tensor ops (friendly to ``torch.compile`` and CUDA graphs).
+* KV cache: per-layer buffers (B, Hkv, max_len, Dh) allocated once and written in place, so decoding
+  allocates no new cache memory per step. Each step attends over the filled slots only, a view
+  (B, Hkv, length + T, Dh), so the attention shapes grow by one every step: ``torch.compile`` copes
+  with dynamic shapes (see ``generation.generate.step_function``), CUDA graphs, which need fixed
+  shapes, cannot capture the step.
 """
 
 from __future__ import annotations
@@ -258,7 +261,7 @@ class Block(nn.Module):
         return x + y, aux
 
 
-# -- the static KV cache
+# -- the preallocated KV cache
 
 
 class KVCache:
@@ -289,9 +292,6 @@ class KVCache:
         if n < 0:
             raise ValueError(f"KVCache.crop({n}): n must be >= 0")
         self.length = min(n, self.length)
-
-    def reset(self) -> None:
-        self.length = 0
 
 
 # -- the backbone

@@ -1,4 +1,4 @@
-"""The unified codec language model: AR + NAR + NAR-len over one backbone (seeds 000-002).
+"""The unified codec language model: AR + NAR + NAR-len over one backbone (as in e-c-k-e-r/vall-e).
 
 One transformer serves every task; what changes is how the input sequence is embedded and which
 head reads the output. A sequence is ``<text> <lang> <task> <prompt> <response>`` (tasks.py lays
@@ -13,11 +13,12 @@ it out):
                NAR l:   sum_{j<l} resp_nar[j](c_j)  with audio_embedding_sums, else resp_nar[l-1](c_{l-1})
                NAR-len: resp_mask(c0)     (masked frames carry the mask id = codebook_size)
 
-Heads are split per macro-task (seed 000 "Classifiers"): ``head_ar`` (codes + stop),
-``head_nar[l-1]`` per NAR level, ``head_mask`` for NAR-len, and ``head_len``, which reads the last
-prefix position of a NAR-len row and predicts the response length as ``len_digits`` base-10
-digits. The prefix is causal in every task, so that position never sees the response: the len
-prediction costs nothing extra in training and one prefix pass at inference.
+Heads are split per macro-task, as the classifiers of e-c-k-e-r/vall-e's model documentation are:
+``head_ar`` (codes + stop), ``head_nar[l-1]`` per NAR level, ``head_mask`` for NAR-len, and
+``head_len``, which reads the last prefix position of a NAR-len row and predicts the response
+length as ``len_digits`` base-10 digits. The prefix is causal in every task, so that position
+never sees the response: the len prediction costs nothing extra in training and one prefix pass
+at inference.
 
 ``forward(batch)`` returns the training loss (token-mean cross-entropy over every target, plus
 ``len_loss_weight`` times the len loss, plus the router loss of MoE backbones) and per-task sums

@@ -221,6 +221,25 @@ def phonemize_corpus(
     bad = list(transcripts.bad)
 
     rows, texts = _prepare(transcripts.rows, lang, normalize, report, bad)
+    good = _phonemize_rows(rows, texts, lang, punctuation, stress, njobs, on_progress, report, bad)
+    tok, vocab_settings = _tokenizer(vocab, tokenizer, [p for _, p in good], bpe_vocab_size)
+    if vocab_settings:
+        report.warnings += _settings_mismatch(vocab_settings, lang, punctuation, stress, normalize, vocab)
+    kept, tokens = _encode(good, tok, allow_unk, vocab, report, bad)
+    _settle_bad_rows(bad, kept, skip_bad, report)
+
+    df = _phonemes_frame(kept, tokens, lang)
+    settings = _settings(lang, punctuation, stress, normalize, report.source)
+    report.rows = len(kept)
+    report.seconds = time.perf_counter() - start
+    return PhonemizedCorpus(df, tok, settings, report)
+
+
+def _phonemize_rows(rows: list[Row], texts: list[str], lang: str, punctuation: bool, stress: bool,
+                    njobs: int | None, on_progress: Callable[[int], None] | None, report: PhonemizeReport,
+                    bad: list[BadRow]) -> list[tuple[Row, str]]:
+    """(row, phonemes) of the rows espeak-ng made phonemes of; the others go to ``bad``. ``njobs`` None
+    runs parallel jobs only for big inputs on machines with 4+ cores."""
     if njobs is None:
         cores = os.cpu_count() or 1
         njobs = min(cores, 8) if len(texts) >= PARALLEL_FROM and cores >= 4 else 1
@@ -231,11 +250,12 @@ def phonemize_corpus(
             good.append((row, ph))
         else:
             bad.append(BadRow(row.where, row.id, "espeak-ng made no phonemes of it"))
+    return good
 
-    tok, vocab_settings = _tokenizer(vocab, tokenizer, [p for _, p in good], bpe_vocab_size)
-    if vocab_settings:
-        report.warnings += _settings_mismatch(vocab_settings, lang, punctuation, stress, normalize, vocab)
-    kept, tokens = _encode(good, tok, allow_unk, vocab, report, bad)
+
+def _settle_bad_rows(bad: list[BadRow], kept: list[tuple[Row, str]], skip_bad: bool, report: PhonemizeReport) -> None:
+    """Refuse bad rows unless ``skip_bad`` (then list them in the report), refuse an empty result, and warn
+    about the characters normalisation removed."""
     if bad and not skip_bad:
         raise TextError(_describe_bad(bad) + " (fix them, or pass --skip-bad to leave them out)")
     report.skipped = bad
@@ -246,18 +266,17 @@ def phonemize_corpus(
         report.warnings.insert(0, f"removed {count} unspeakable character(s) from {rows_hit} row(s): "
                                   f"{describe_removed(report.removed_chars)}")
 
+
+def _phonemes_frame(kept: list[tuple[Row, str]], tokens: list[list[int]], lang: str) -> Any:
+    """polars DataFrame id, text, lang, phonemes, tokens (list[u16]): the rows of a phonemes file."""
     import polars as pl
 
-    df = pl.DataFrame(
+    return pl.DataFrame(
         {"id": [r.id for r, _ in kept], "text": [" ".join(r.text.split()) for r, _ in kept],
          "lang": [lang] * len(kept), "phonemes": [p for _, p in kept], "tokens": tokens},
         schema={"id": pl.String, "text": pl.String, "lang": pl.String, "phonemes": pl.String,
                 "tokens": pl.List(pl.UInt16)},
     )
-    settings = _settings(lang, punctuation, stress, normalize, report.source)
-    report.rows = len(kept)
-    report.seconds = time.perf_counter() - start
-    return PhonemizedCorpus(df, tok, settings, report)
 
 
 def _prepare(rows: list[Row], lang: str, normalize: bool, report: PhonemizeReport,

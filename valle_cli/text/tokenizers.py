@@ -197,9 +197,6 @@ class BpeTokenizer:
     def encode(self, phonemes: str, allow_unk: bool = False) -> list[int]:
         return self.encoding.encode_ordinary(phonemes)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.encoding.encode_ordinary_batch(texts, num_threads=2)
-
     def decode(self, ids: Iterable[int]) -> str:
         """Tokens back to a string; special tokens are dropped, broken UTF-8 becomes U+FFFD."""
         ranks = [int(i) for i in ids if int(i) < len(self.ranks)]

@@ -7,18 +7,21 @@
 2. Build the model (``CodecLM`` over the chosen backbone), optionally from ``init_from`` weights,
    optionally with LoRA adapters (then only the adapters train). AdamW (no decay on norms,
    biases and embeddings), linear warmup then cosine decay or a constant hold.
-3. Batches: a token-budget sampler over duration buckets (``sampler.py``; weighted by the index's
-   ``weight`` column when chunk scores gave one), tasks drawn per utterance (``tasks.py``) from a
-   generator seeded by (seed, step, micro-step, rank), prepared by a background thread.
+3. Batches: a token-budget sampler over duration buckets (``data/batching.py``; weighted by the
+   index's ``weight`` column when chunk scores gave one), tasks drawn per utterance (``data/tasks.py``)
+   from a generator seeded by (seed, step, micro-step, rank), prepared by a background thread.
 4. Each step: ``grad_accum`` micro-batches (bf16 autocast on GPU, fp32 on CPU), a NaN/inf guard
-   (skip the step; stop after ``nan_patience`` in a row), clipping, the optimizer step.
-5. Every ``log_every`` steps a JSONL line (loss and top-1 accuracy per task, tokens/s); every
-   ``eval_every`` the validation split; every ``save_every`` (and at the end, and on Ctrl-C) a
-   checkpoint with the whole train state (``checkpoint.py``).
+   (skip the step; stop after ``nan_patience`` in a row), clipping, the optimizer step. The loss
+   stays on the device: the one host sync of a step is the guard's finite flag; the losses of a
+   log window are read at the log step.
+5. Every ``log_every`` steps a log.jsonl entry (loss and top-1 accuracy per task, tokens/s) and the
+   same scalars in TensorBoard; every ``eval_every`` the validation split and an audio sample; every
+   ``save_every`` (and at the end, and on Ctrl-C) a checkpoint with the whole train state
+   (``checkpoint.py``).
 
-``task="continuation"`` trains the same model on windows of audio without text (seed 003): windows
-drawn by chunk priority, each a continuation (past -> future) or an in-fill (prefix + suffix ->
-middle) example.
+``task="continuation"`` trains the same model on windows of audio without text: windows drawn by
+chunk priority, each a continuation (past -> future) or an in-fill (prefix + suffix -> middle)
+example.
 
 Resume restores weights, optimizer, scheduler, sampler position and torch RNG: the resumed run
 produces the same losses as an uninterrupted one. Several devices: ``torchrun --nproc_per_node N
@@ -35,85 +38,30 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from valle_cli import checkpoint as ckpt
-from valle_cli.common import config_from_dict, config_to_dict
 from valle_cli.data import tasks
 from valle_cli.errors import InputError, ValleError
+from valle_cli.formats import CURVES_FILE, LOG_FILE, append_log, truncate_log
 from valle_cli.model.config import ModelConfig, override
+from valle_cli.model.load import load_into
+from valle_cli.training.config import TrainConfig
+from valle_cli.training.curves import plot_curves
+from valle_cli.training.tensorboard import EVENTS_GLOB, Board, generate_sample, load_sample_codec
 
 RUN_CONFIG = "config.json"
-LOG_FILE = "log.jsonl"
-CURVES_FILE = "curves.png"
 
 
 class TrainingError(ValleError):
     """Training cannot go on (diverged, nothing to train on, a run folder in the way)."""
 
-
-@dataclass(frozen=True)
-class TrainConfig:
-    max_steps: int = 1000
-    batch_tokens: int = 8000  # padded tokens of one micro-batch on one device
-    max_batch_size: int = 0  # cap on utterances per micro-batch (0 = the budget decides)
-    grad_accum: int = 1
-    lr: float = 3e-4
-    warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine (down to min_lr_ratio * lr at max_steps) | hold
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.95
-    clip: float = 1.0  # gradient norm clipping (0 = off)
-    len_loss_weight: float = 0.1
-    eval_every: int = 200
-    eval_batches: int = 8
-    save_every: int = 500
-    keep_last: int = 3
-    log_every: int = 10
-    seed: int = 0
-    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp32
-    compile: bool = False
-    nan_patience: int = 5  # stop after this many non-finite steps in a row
-    n_buckets: int = 16
-    weighted: bool = True  # sample by the index's weight column (when it is not all 1)
-    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen model
-    lora_alpha: float = 16.0
-    task: str = "tts"  # tts (text + prompt -> speech) | continuation (audio windows, no text; seed 003)
-    window_seconds: float = 10.0  # continuation: window length
-    windows_per_batch: int = 8  # continuation: windows per micro-batch per device
-    infill_p: float = 0.3  # continuation: share of windows trained as in-fill (prefix, suffix -> middle)
-    chunks: str = ""  # continuation: a score-chunks parquet; windows are drawn by chunk priority (else uniform)
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.max_steps < 1 or self.grad_accum < 1 or self.batch_tokens < 1:
-            problems.append("max_steps, grad_accum and batch_tokens must be >= 1")
-        if self.schedule not in ("cosine", "hold"):
-            problems.append(f"schedule {self.schedule!r} (expected cosine or hold)")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            problems.append(f"precision {self.precision!r} (expected auto, bf16 or fp32)")
-        if self.lr <= 0:
-            problems.append(f"lr {self.lr} must be > 0")
-        if self.task not in ("tts", "continuation"):
-            problems.append(f"task {self.task!r} (expected tts or continuation)")
-        if self.window_seconds <= 0 or self.windows_per_batch < 1 or not 0 <= self.infill_p <= 1:
-            problems.append("window_seconds > 0, windows_per_batch >= 1 and 0 <= infill_p <= 1 are needed")
-        if problems:
-            raise InputError("train config: " + "; ".join(problems))
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return config_from_dict(cls, data, "train")
 
 
 @dataclass
@@ -372,62 +320,9 @@ def prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> dict[str, An
             shutil.rmtree(out / name, ignore_errors=True)
         for name in (RUN_CONFIG, LOG_FILE, CURVES_FILE, ckpt.BEST_FILE):
             (out / name).unlink(missing_ok=True)
+        for events in out.glob(EVENTS_GLOB):  # the old run's TensorBoard files
+            events.unlink()
     return None
-
-
-def append_log(out: Path, record: dict[str, Any]) -> None:
-    with open(out / LOG_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def truncate_log(out: Path, step: int) -> None:
-    """Drop log lines past ``step``: a killed run may have logged steps its last checkpoint lacks."""
-    path = out / LOG_FILE
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def read_log(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    path = Path(out) / LOG_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_curves(out: Path) -> Path | None:
-    """curves.png: training loss per task (and validation loss), top-1 accuracy per task, by step."""
-    records = read_log(out)
-    if not records:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from valle_cli.formats import atomic_path
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for split, style in (("train", "-"), ("val", "o--")):
-        rows = [r for r in records if r.get("split") == split]
-        names = sorted({name for r in rows for name in r.get("tasks", {})})
-        for name in names:
-            points = [(r["step"], r["tasks"][name]) for r in rows if name in r.get("tasks", {})]
-            steps = [s for s, _ in points]
-            ax_loss.plot(steps, [t["loss"] for _, t in points], style, label=f"{split} {name}", markersize=3)
-            ax_acc.plot(steps, [t["acc"] for _, t in points], style, label=f"{split} {name}", markersize=3)
-    ax_loss.set(xlabel="step", ylabel="cross-entropy", title="loss per task", yscale="log")
-    ax_acc.set(xlabel="step", ylabel="top-1 accuracy", title="accuracy per task")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path = out / CURVES_FILE
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -481,7 +376,7 @@ def validate(model: Any, data: Any, task_config: tasks.TaskConfig, model_config:
         for i, rows in zip(range(train_config.eval_batches), sampler, strict=False):
             rng = np.random.default_rng([train_config.seed, 2**31 - 1, i])
             batch = Batch.from_numpy(lay_out(rows, rng), device)
-            with torch.autocast(device.split(":")[0], dtype=dtype or torch.float32, enabled=dtype is not None):
+            with autocast(device, dtype):
                 out = model(batch)
             meter.add(out.stats)
             n = sum(count for name, (_, count, _) in out.stats.items() if name != "len")
@@ -489,6 +384,7 @@ def validate(model: Any, data: Any, task_config: tasks.TaskConfig, model_config:
             tokens += int(n)
     model.train(was_training)
     return {"loss": total / max(tokens, 1), "tasks": meter.summary()}
+
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -501,227 +397,396 @@ def train(shards: str | os.PathLike[str], out: str | os.PathLike[str], model_con
           on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainReport:
     """Train a CodecLM on a ``valle shard`` folder; checkpoints and logs go to the run folder ``out``.
 
-    ``on_step`` receives a small dict after every optimizer step (step, loss, lr, tokens/s) for
-    progress display. With ``resume`` the saved run config wins over the arguments, except
-    ``train_config.max_steps`` (a run can be extended).
+    ``on_step`` receives a small dict after every optimizer step (step, loss of the last logged
+    step, tokens/s, whether the step was skipped) for progress display. With ``resume`` the saved
+    run config wins over the arguments, except ``train_config.max_steps`` (a run can be extended).
     """
+    start_time = time.perf_counter()
+    out = Path(out)
+    device, dist = setup_device(device)
+    model_config, task_config, train_config, saved = settle_configs(out, resume, overwrite, dist, model_config,
+                                                                    task_config, train_config)
+    run = build_run(shards, out, model_config, task_config, train_config, device, dist,
+                    init_from=None if saved else init_from)
+    if resume:
+        restore(run)
+    elif dist.main:
+        write_run_config(run)
+    run.report.start_step, run.report.best_val_loss = run.step, run.best
+    if run.step >= train_config.max_steps:
+        run.report.steps = run.step
+        return run.report
+    wrap_for_training(run)
+    if dist.main:
+        run.board = Board(out, purge_step=run.step if resume else None)
+
+    loader = Prefetcher(partial(batch_stream, run, run.step))
+    window = LogWindow()
+    sampler_state, last_saved = run.sampler.state_dict(), run.step
+    run.train_model.train()
+    try:
+        while run.step < train_config.max_steps:
+            sampler_state, finite = optimisation_step(run, loader, window)
+            run.step = run.report.steps = run.step + 1
+            if due(run.step, train_config.log_every, train_config.max_steps):
+                log_window(run, window)
+                window = LogWindow()
+            if on_step is not None and dist.main:
+                on_step({"step": run.step, "max_steps": train_config.max_steps, "loss": run.report.last_loss,
+                         "tokens_per_s": run.report.tokens_per_second, "skipped": not finite})
+            is_best = due(run.step, train_config.eval_every, train_config.max_steps) and evaluate(run)
+            if due(run.step, train_config.save_every, train_config.max_steps) or is_best:
+                save(run, sampler_state, is_best)
+                last_saved = run.step
+    except KeyboardInterrupt:
+        run.report.interrupted = True
+        if run.step > last_saved:  # never lose finished steps
+            save(run, sampler_state)
+        raise
+    finally:
+        loader.close()
+        if run.board is not None:
+            run.board.close()
+        run.report.wall_seconds = time.perf_counter() - start_time
+    return run.report
+
+
+@dataclass
+class Run:
+    """One training run: what the set-up phases build and the loop's phases read and advance."""
+
+    out: Path
+    dist: Distributed
+    device: str
+    model_config: ModelConfig
+    task_config: tasks.TaskConfig
+    config: TrainConfig
+    train_data: Any  # ShardSet views of the two splits
+    val_data: Any
+    sampler: Any  # TokenBudgetBatchSampler, or PriorityWindowSampler for continuation
+    model: Any  # the CodecLM
+    optimizer: Any
+    scheduler: Any
+    meta: dict[str, Any]  # the run config (config.json)
+    lora: dict[str, Any] | None
+    codec_file: Path | None
+    report: TrainReport
+    dtype: Any = None  # autocast dtype; None = fp32
+    train_model: Any = None  # the model, or its DDP wrapper
+    step: int = 0
+    best: float | None = None
+    nan_streak: int = 0
+    board: Board | None = None  # rank 0 only
+    sample_codec: Any = None  # decodes the audio samples; False once it proved unavailable
+
+
+@dataclass
+class LogWindow:
+    """What the steps since the last log entry add up: read on the host only at the log step."""
+
+    meter: TaskMeter = field(default_factory=lambda: TaskMeter())
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    losses: list[Any] = field(default_factory=list)  # () device tensors, one per step
+    grad_norm: Any = None  # () device tensor of the last step
+
+
+def due(step: int, every: int, max_steps: int) -> bool:
+    return step % every == 0 or step == max_steps
+
+
+# ----------------------------------------------------------------------------- setting up
+
+
+def setup_device(device: str) -> tuple[str, Distributed]:
+    """The device this process trains on, and its place among the DDP processes."""
     import torch
 
     from valle_cli.common import resolve_device
-    from valle_cli.data.batching import TokenBudgetBatchSampler
-    from valle_cli.data.shards import ShardSet
-    from valle_cli.model.valle import Batch, count_parameters
 
-    start_time = time.perf_counter()
-    out = Path(out)
     device = resolve_device(device)
     dist = setup_distributed(device)
     device = rank_device(device, dist)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
+    return device, dist
 
+
+def settle_configs(out: Path, resume: bool, overwrite: bool, dist: Distributed, model_config: ModelConfig,
+                   task_config: tasks.TaskConfig, train_config: TrainConfig
+                   ) -> tuple[ModelConfig, tasks.TaskConfig, TrainConfig, bool]:
+    """The configs this run trains with (the saved ones when resuming) and whether they were saved."""
     saved = prepare_run_folder(out, resume, overwrite) if dist.main else None
     if dist.world_size > 1:  # every rank needs the saved config; it is on a shared disk
+        import torch.distributed
+
         torch.distributed.barrier()
         if resume:
             saved = json.loads((out / RUN_CONFIG).read_text())
-    if saved is not None:
-        model_config = ModelConfig.from_dict(saved["model"])
-        task_config = tasks.TaskConfig.from_dict(saved["tasks"])
-        train_config = replace(TrainConfig.from_dict(saved["train"]), max_steps=train_config.max_steps)
+    if saved is None:
+        return model_config, task_config, train_config, False
+    return (ModelConfig.from_dict(saved["model"]), tasks.TaskConfig.from_dict(saved["tasks"]),
+            replace(TrainConfig.from_dict(saved["train"]), max_steps=train_config.max_steps), True)
 
-    # 1. data
+
+def build_run(shards: str | os.PathLike[str], out: Path, model_config: ModelConfig, task_config: tasks.TaskConfig,
+              train_config: TrainConfig, device: str, dist: Distributed,
+              init_from: str | os.PathLike[str] | None) -> Run:
+    """Data, sampler, model (from ``init_from``, with LoRA), optimizer and schedule of a fresh run."""
+    import torch
+
+    from valle_cli.data.shards import ShardSet
+    from valle_cli.model.valle import count_parameters
+
     data = ShardSet(shards)
     train_data, val_data = data.select("train"), data.select("val")
     if len(train_data) == 0:
         raise TrainingError(f"{shards}: no training utterances (all of them are in the validation split)")
     model_config = override(model_config, n_codebooks=data.n_codebooks, codebook_size=data.codebook_size,
                             text_vocab_size=data.text_vocab_size)
-    if train_config.task == "continuation":
-        sampler: Any = window_sampler(train_data, train_config, dist)
-    else:
-        costs = sequence_costs(train_data.index, task_config, data.frame_rate)
-        weights = train_data.index["weight"].to_numpy()
-        use_weights = train_config.weighted and not np.allclose(weights, 1.0)
-        sampler = TokenBudgetBatchSampler(
-            costs, train_config.batch_tokens, weights=weights if use_weights else None,
-            n_buckets=train_config.n_buckets, max_batch_size=train_config.max_batch_size or None,
-            seed=train_config.seed, rank=dist.rank, world_size=dist.world_size, oversize="single",
-        )
+    sampler = train_sampler(train_data, task_config, train_config, dist)
 
-    # 2. model and optimizer
     torch.manual_seed(train_config.seed)
     model = build_model(model_config, train_config, device)
-    if init_from is not None and saved is None:
+    if init_from is not None:
         source = ckpt.resolve_checkpoint(init_from)
         load_into(model, ckpt.load_weights(source), str(source))
     lora = add_lora(model, train_config) if train_config.lora_rank > 0 else None  # resuming: lora_rank is saved
     optimizer = build_optimizer(model, train_config, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, train_config))
-    meta = run_meta(model_config, task_config, train_config, data, lora)
-    codec_file = find_codec_file(data)
-    report = TrainReport(out=out, parameters=count_parameters(model))
+    return Run(out=out, dist=dist, device=device, model_config=model_config, task_config=task_config,
+               config=train_config, train_data=train_data, val_data=val_data, sampler=sampler, model=model,
+               optimizer=optimizer, scheduler=scheduler, lora=lora, codec_file=find_codec_file(data),
+               meta=run_meta(model_config, task_config, train_config, data, lora),
+               report=TrainReport(out=out, parameters=count_parameters(model)),
+               dtype=autocast_dtype(train_config.precision, device))
 
-    step, best, nan_streak = 0, None, 0
-    if resume:
-        last = ckpt.resolve_checkpoint(out)
-        state, optimizer_tensors = ckpt.load_state(last)
-        load_into(model, ckpt.load_weights(last), str(last))
-        optimizer.load_state_dict(ckpt.optimizer_from_safetensors(optimizer_tensors, state["optimizer"]))
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"][dist.rank] if dist.rank < len(state["sampler"]) else {})
-        torch.set_rng_state(torch.tensor(state["torch_rng"][dist.rank], dtype=torch.uint8))
-        step, best, nan_streak = int(state["step"]), state.get("best_val_loss"), int(state.get("nan_streak", 0))
-        if dist.main:
-            truncate_log(out, step)
-    elif dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-    report.start_step = step
-    report.best_val_loss = best
-    if step >= train_config.max_steps:
-        report.steps = step
-        return report
 
-    dtype = autocast_dtype(train_config.precision, device)
-    train_model = model
-    if dist.world_size > 1:
+def train_sampler(data: Any, task_config: tasks.TaskConfig, config: TrainConfig, dist: Distributed) -> Any:
+    """Training batches of this rank: token-budget batches of utterances, or continuation windows."""
+    from valle_cli.data.batching import TokenBudgetBatchSampler
+
+    if config.task == "continuation":
+        return window_sampler(data, config, dist)
+    costs = sequence_costs(data.index, task_config, data.frame_rate)
+    weights = data.index["weight"].to_numpy()
+    use_weights = config.weighted and not np.allclose(weights, 1.0)
+    return TokenBudgetBatchSampler(
+        costs, config.batch_tokens, weights=weights if use_weights else None, n_buckets=config.n_buckets,
+        max_batch_size=config.max_batch_size or None, seed=config.seed, rank=dist.rank,
+        world_size=dist.world_size, oversize="single",
+    )
+
+
+def restore(run: Run) -> None:
+    """Weights, optimizer, schedule, sampler position, torch RNG and counters of the run's last checkpoint."""
+    import torch
+
+    last = ckpt.resolve_checkpoint(run.out)
+    state, optimizer_tensors = ckpt.load_state(last)
+    load_into(run.model, ckpt.load_weights(last), str(last))
+    run.optimizer.load_state_dict(ckpt.optimizer_from_safetensors(optimizer_tensors, state["optimizer"]))
+    run.scheduler.load_state_dict(state["scheduler"])
+    rank = run.dist.rank
+    run.sampler.load_state_dict(state["sampler"][rank] if rank < len(state["sampler"]) else {})
+    torch.set_rng_state(torch.tensor(state["torch_rng"][rank], dtype=torch.uint8))
+    run.step, run.best, run.nan_streak = int(state["step"]), state.get("best_val_loss"), int(state.get("nan_streak", 0))
+    if run.dist.main:
+        truncate_log(run.out, run.step)
+
+
+def write_run_config(run: Run) -> None:
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / RUN_CONFIG).write_text(json.dumps(run.meta, indent=2) + "\n")
+
+
+def wrap_for_training(run: Run) -> None:
+    """DDP around the model on several ranks; torch.compile of the backbone when asked."""
+    import torch
+
+    run.train_model = run.model
+    if run.dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
-                                              find_unused_parameters=True)
-    if train_config.compile:
+        device_ids = [run.device] if run.device.startswith("cuda") else None
+        run.train_model = DistributedDataParallel(run.model, device_ids=device_ids, find_unused_parameters=True)
+    if run.config.compile:
         # Only the backbone: the embeddings and heads branch on which tasks a batch holds, and a
         # compiled whole model would recompile for every new combination. Compiling the forward
         # method (not wrapping the module) keeps the parameter names, so checkpoints do not change.
-        model.backbone.forward = torch.compile(model.backbone.forward, dynamic=True)
+        run.model.backbone.forward = torch.compile(run.model.backbone.forward, dynamic=True)
 
-    def produce() -> Iterator[Any]:
-        batches = sampler.batches()
-        s = step
-        while True:
-            for micro in range(train_config.grad_accum):
-                rows = next(batches)
-                state = sampler.state_dict()
-                rng = np.random.default_rng([train_config.seed, s, micro, dist.rank])
-                if train_config.task == "continuation":
-                    laid_out = make_window_batch(train_data, rows, rng, task_config, train_config, model_config)
-                else:
-                    laid_out = make_batch(train_data, rows, rng, task_config, model_config)
-                yield s, micro, laid_out, state
-            s += 1
 
-    def save(at_step: int, sampler_state: dict[str, Any]) -> Path:
-        states = gather(sampler_state, dist)
-        rngs = gather(torch.get_rng_state().tolist(), dist)
-        if not dist.main:
-            return out
-        tensors, rest = ckpt.optimizer_to_safetensors(optimizer.state_dict())
-        lora_file = None
-        if lora:
-            from valle_cli.model.lora import LoraConfig, save_lora
-
-            lora_file = (save_lora, model.backbone, LoraConfig.from_dict(lora), {"step": at_step})
-        path = ckpt.save_checkpoint(
-            out, at_step, model.state_dict(), {**meta, "best_val_loss": best},
-            train_state={"step": at_step, "optimizer": rest, "scheduler": scheduler.state_dict(),
-                         "sampler": states, "torch_rng": rngs, "best_val_loss": best, "nan_streak": nan_streak},
-            optimizer_tensors=tensors, lora_file=lora_file, keep_last=train_config.keep_last,
-            extra_files={"codec.safetensors": codec_file} if codec_file else None,
-        )
-        report.checkpoints.append(str(path))
-        plot_curves(out)
-        return path
-
-    loader = Prefetcher(produce)
-    meter, window_tokens, window_start, window_losses = TaskMeter(), 0, time.perf_counter(), []
-    sampler_state = sampler.state_dict()
-    last_saved = step
-    train_model.train()
-    try:
-        while step < train_config.max_steps:
-            loss_value, tokens = 0.0, 0
-            for micro in range(train_config.grad_accum):
-                batch_step, batch_micro, laid_out, sampler_state = next(loader)
-                assert (batch_step, batch_micro) == (step, micro), (batch_step, batch_micro, step, micro)
-                batch = Batch.from_numpy(laid_out, device)
-                sync = micro == train_config.grad_accum - 1 or dist.world_size == 1
-                context = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else nullcontext()
-                with context, torch.autocast(device.split(":")[0], dtype=dtype or torch.float32,
-                                             enabled=dtype is not None):
-                    result = train_model(batch)
-                    (result.loss / train_config.grad_accum).backward()
-                loss_value += float(result.loss.detach()) / train_config.grad_accum
-                tokens += batch.tokens
-                meter.add(result.stats)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.clip)
-                         if train_config.clip > 0 else _grad_norm(model))
-            finite = math.isfinite(loss_value) and math.isfinite(float(grad_norm))
-            if dist.world_size > 1:
-                flag = torch.tensor([float(finite)], device=device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-                finite = bool(flag.item())
-            if finite:
-                optimizer.step()
-                nan_streak = 0
+def batch_stream(run: Run, step: int) -> Iterator[tuple[int, int, tasks.SequenceBatch, dict[str, Any]]]:
+    """(step, micro-step, laid-out batch, sampler state after it) from ``step`` on, for the Prefetcher."""
+    config, batches = run.config, run.sampler.batches()
+    while True:
+        for micro in range(config.grad_accum):
+            rows = next(batches)
+            state = run.sampler.state_dict()
+            rng = np.random.default_rng([config.seed, step, micro, run.dist.rank])
+            if config.task == "continuation":
+                laid_out = make_window_batch(run.train_data, rows, rng, run.task_config, config, run.model_config)
             else:
-                nan_streak += 1
-                report.skipped_steps += 1
-                if nan_streak >= train_config.nan_patience:
-                    raise TrainingError(f"loss or gradients were NaN/inf for {nan_streak} steps in a row (step "
-                                        f"{step + 1}); lower --lr or raise --warmup-steps, or resume from an "
-                                        "earlier checkpoint")
-            optimizer.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():  # a skipped step still counts: the schedule follows the step number
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
-                scheduler.step()
-            step += 1
-            window_tokens += tokens
-            window_losses.append(loss_value)
-            if math.isnan(report.first_loss):
-                report.first_loss = loss_value
-            report.last_loss, report.steps = loss_value, step
+                laid_out = make_batch(run.train_data, rows, rng, run.task_config, run.model_config)
+            yield step, micro, laid_out, state
+        step += 1
 
-            if step % train_config.log_every == 0 or step == train_config.max_steps:
-                elapsed = time.perf_counter() - window_start
-                rate = window_tokens * dist.world_size / max(elapsed, 1e-9)
-                finite_losses = [v for v in window_losses if math.isfinite(v)]
-                mean_loss = sum(finite_losses) / len(finite_losses) if finite_losses else float("nan")
-                record = {"step": step, "split": "train", "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": float(grad_norm), "tokens_per_s": rate, "tasks": meter.summary(),
-                          "time": time.time()}
-                if dist.main:
-                    append_log(out, record)
-                report.tokens_per_second = rate
-                meter, window_tokens, window_start, window_losses = TaskMeter(), 0, time.perf_counter(), []
-            if on_step is not None and dist.main:
-                on_step({"step": step, "max_steps": train_config.max_steps, "loss": loss_value,
-                         "tokens_per_s": report.tokens_per_second, "skipped": not finite})
 
-            is_best = False
-            if step % train_config.eval_every == 0 or step == train_config.max_steps:
-                if dist.main:  # rank 0 evaluates; the others wait for its verdict below
-                    result = validate(model, val_data, task_config, model_config, train_config, device, dtype)
-                    if result is not None:
-                        append_log(out, {"step": step, "split": "val", **result, "time": time.time()})
-                        is_best = best is None or result["loss"] < best
-                        if is_best:
-                            best = report.best_val_loss = result["loss"]
-                is_best = broadcast_flag(is_best, dist, device)  # saving is collective: every rank must agree
-            if step % train_config.save_every == 0 or step == train_config.max_steps or is_best:
-                path = save(step, sampler_state)
-                last_saved = step
-                if is_best and dist.main:
-                    ckpt.mark_best(out, path)
-    except KeyboardInterrupt:
-        report.interrupted = True
-        if step > last_saved:  # never lose finished steps
-            save(step, sampler_state)
-        raise
-    finally:
-        loader.close()
-        report.wall_seconds = time.perf_counter() - start_time
-    return report
+# ----------------------------------------------------------------------------- one step
+
+
+def optimisation_step(run: Run, loader: Prefetcher, window: LogWindow) -> tuple[dict[str, Any], bool]:
+    """``grad_accum`` micro-batches forward and backward, clipping, then the optimizer step, or a skip
+    when the loss or the gradients are not finite. Returns the sampler state after the step's batches
+    and whether the step was taken. One host sync: the finite flag."""
+    import torch
+
+    from valle_cli.model.valle import Batch
+
+    config = run.config
+    loss = torch.zeros((), device=run.device)  # () mean loss of the step, kept on the device
+    for micro in range(config.grad_accum):
+        batch_step, batch_micro, laid_out, sampler_state = next(loader)
+        assert (batch_step, batch_micro) == (run.step, micro), (batch_step, batch_micro, run.step, micro)
+        batch = Batch.from_numpy(laid_out, run.device)
+        with gradient_sync(run, micro), autocast(run.device, run.dtype):
+            result = run.train_model(batch)
+            (result.loss / config.grad_accum).backward()
+        loss = loss + result.loss.detach().float() / config.grad_accum
+        window.tokens += batch.tokens
+        window.meter.add(result.stats)
+    grad_norm = (torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.clip)
+                 if config.clip > 0 else _grad_norm(run.model))
+    finite = all_finite(loss, grad_norm, run.dist)
+    step_or_skip(run, finite)
+    window.losses.append(loss)
+    window.grad_norm = grad_norm
+    return sampler_state, finite
+
+
+def gradient_sync(run: Run, micro: int) -> AbstractContextManager[Any]:
+    """DDP all-reduces the gradients on the last micro-batch of a step only."""
+    last = micro == run.config.grad_accum - 1 or run.dist.world_size == 1
+    return run.train_model.no_sync() if not last and hasattr(run.train_model, "no_sync") else nullcontext()
+
+
+def autocast(device: str, dtype: Any) -> AbstractContextManager[Any]:
+    import torch
+
+    return torch.autocast(device.split(":")[0], dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def all_finite(loss: Any, grad_norm: Any, dist: Distributed) -> bool:
+    """Whether the step's loss and gradient norm are finite on every rank (a device -> host sync)."""
+    import torch
+
+    flag = (torch.isfinite(loss) & torch.isfinite(grad_norm.to(loss.device))).float().reshape(1)
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def step_or_skip(run: Run, finite: bool) -> None:
+    """The optimizer step, or a skipped one (stop after ``nan_patience`` in a row); the schedule moves on."""
+    if finite:
+        run.optimizer.step()
+        run.nan_streak = 0
+    else:
+        run.nan_streak += 1
+        run.report.skipped_steps += 1
+        if run.nan_streak >= run.config.nan_patience:
+            raise TrainingError(f"loss or gradients were NaN/inf for {run.nan_streak} steps in a row (step "
+                                f"{run.step + 1}); lower --lr or raise --warmup-steps, or resume from an "
+                                "earlier checkpoint")
+    run.optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():  # a skipped step still counts: the schedule follows the step number
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+        run.scheduler.step()
+
+
+# ----------------------------------------------------------------------------- log, validate, save
+
+
+def log_window(run: Run, window: LogWindow) -> None:
+    """The log.jsonl entry (and TensorBoard scalars) of the steps since the last one."""
+    import torch
+
+    losses = torch.stack(window.losses).tolist()  # the host reads the window's losses here, once
+    for value in losses:
+        if math.isnan(run.report.first_loss):
+            run.report.first_loss = value
+    run.report.last_loss = losses[-1]
+    finite = [v for v in losses if math.isfinite(v)]
+    rate = window.tokens * run.dist.world_size / max(time.perf_counter() - window.start, 1e-9)
+    record = {"step": run.step, "split": "train", "loss": sum(finite) / len(finite) if finite else float("nan"),
+              "lr": run.scheduler.get_last_lr()[0], "grad_norm": float(window.grad_norm),
+              "tokens_per_s": rate, "tasks": window.meter.summary(), "time": time.time()}
+    if run.dist.main:
+        append_log(run.out, record)
+        if run.board is not None:
+            run.board.add_record(record)
+    run.report.tokens_per_second = rate
+
+
+def evaluate(run: Run) -> bool:
+    """Rank 0 validates (log.jsonl, TensorBoard, an audio sample); True on every rank for a new best."""
+    is_best = False
+    if run.dist.main:  # the other ranks wait for its verdict below
+        result = validate(run.model, run.val_data, run.task_config, run.model_config, run.config, run.device,
+                          run.dtype)
+        if result is not None:
+            record = {"step": run.step, "split": "val", **result, "time": time.time()}
+            append_log(run.out, record)
+            if run.board is not None:
+                run.board.add_record(record)
+            is_best = run.best is None or result["loss"] < run.best
+            if is_best:
+                run.best = run.report.best_val_loss = result["loss"]
+        write_audio_sample(run)
+    return broadcast_flag(is_best, run.dist, run.device)  # saving is collective: every rank must agree
+
+
+def write_audio_sample(run: Run) -> None:
+    """A few seconds generated by the model for one validation utterance, decoded, into TensorBoard."""
+    if run.board is None or run.board.writer is None or run.sample_codec is False:
+        return
+    if run.sample_codec is None:
+        run.sample_codec = load_sample_codec(run.train_data) or False
+        if run.sample_codec is False:
+            return
+    data = run.val_data if len(run.val_data) else run.train_data
+    codes = generate_sample(run.model, data, run.config.task, seed=run.config.seed, dtype=run.dtype)
+    (wav,) = run.sample_codec.decode([codes])
+    run.board.add_audio("val/sample", wav, run.sample_codec.sample_rate, run.step)
+    run.board.flush()
+
+
+def save(run: Run, sampler_state: dict[str, Any], is_best: bool = False) -> None:
+    """A checkpoint with the whole train state (every rank takes part; rank 0 writes), then curves.png."""
+    import torch
+
+    states = gather(sampler_state, run.dist)
+    rngs = gather(torch.get_rng_state().tolist(), run.dist)
+    if not run.dist.main:
+        return
+    tensors, rest = ckpt.optimizer_to_safetensors(run.optimizer.state_dict())
+    lora_file = None
+    if run.lora:
+        from valle_cli.model.lora import LoraConfig, save_lora
+
+        lora_file = (save_lora, run.model.backbone, LoraConfig.from_dict(run.lora), {"step": run.step})
+    path = ckpt.save_checkpoint(
+        run.out, run.step, run.model.state_dict(), {**run.meta, "best_val_loss": run.best},
+        train_state={"step": run.step, "optimizer": rest, "scheduler": run.scheduler.state_dict(),
+                     "sampler": states, "torch_rng": rngs, "best_val_loss": run.best, "nan_streak": run.nan_streak},
+        optimizer_tensors=tensors, lora_file=lora_file, keep_last=run.config.keep_last,
+        extra_files={"codec.safetensors": run.codec_file} if run.codec_file else None,
+    )
+    run.report.checkpoints.append(str(path))
+    plot_curves(run.out)
+    if is_best:
+        ckpt.mark_best(run.out, path)
 
 
 def broadcast_flag(flag: bool, dist: Distributed, device: str) -> bool:
@@ -746,18 +811,6 @@ def gather(value: Any, dist: Distributed) -> list[Any]:
     torch.distributed.all_gather_object(values, value)
     return values
 
-
-def load_into(model: Any, weights: dict[str, Any], source: str) -> None:
-    """Load weights by name; every tensor must be present with the same shape (one clear message if not)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    wrong = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        first = (missing or unexpected or wrong)[0]
-        raise InputError(f"{source}: weights do not fit this model ({len(missing)} missing, {len(unexpected)} "
-                         f"unexpected, {len(wrong)} of another shape; first: {first})")
-    model.load_state_dict(weights)
 
 
 def _grad_norm(model: Any) -> Any:
