@@ -87,7 +87,8 @@ def generate_config(args: list[str], mode: str, steps: int) -> GenerateConfig:
                 target, name = per_pass[p], name[len(p) + 1:]
                 break
         if name not in types:
-            raise no_such_option(f"--{name}", also=[f"--{p}{n}" for p in ("", "ar-", "nar-", "demask-") for n in types])
+            prefixes = ("", *(f"{p}-" for p in PASSES))
+            raise no_such_option(f"--{name}", also=[f"--{prefix}{n}" for prefix in prefixes for n in types])
         field, kind = types[name]
         try:
             target[field] = kind(value)

@@ -565,6 +565,14 @@ class ShardSet:
         self._full = index
         self._select(split)
 
+    def load_codec(self, device: str = "cpu") -> Any:
+        """The codec of the shards' codes, built on ``device``; a fitted built-in codec is searched for where
+        the codes were read from (the folders recorded by ``valle shard``), as ``decode`` searches."""
+        from valle_cli.codecs import codec_from_spec
+
+        search = [Path(p) for p in self.meta.get("inputs", {}).get("codes", [])]
+        return codec_from_spec(self.codec, device, search=search)
+
     # -- opening checks
 
     def _check_header(self, path: Path) -> formats.ShardHeader:

@@ -292,14 +292,10 @@ def run_meta(model_config: ModelConfig, task_config: tasks.TaskConfig, train_con
 
 def find_codec_file(data: Any) -> Path | None:
     """The fitted built-in codec file of the shards' codes (recorded path, or beside the codes), if found."""
-    spec = data.codec
-    if spec.get("name") != "builtin":
+    if data.codec.get("name") != "builtin":
         return None
-    from valle_cli.codecs import codec_from_spec
-
-    search = [Path(p) for p in data.meta.get("inputs", {}).get("codes", [])]
-    try:  # the same search (and hash check) decode uses; the codec found records where it was loaded from
-        return Path(codec_from_spec(spec, search=search).spec["path"])
+    try:  # the codec found records where it was loaded from
+        return Path(data.load_codec().spec["path"])
     except ValleError:
         return None
 

@@ -68,11 +68,8 @@ class Board:
 
 def load_sample_codec(data: Any) -> Any:
     """The codec of the shards' codes on the CPU, or None (with a warning) when it cannot be built."""
-    from valle_cli.codecs import codec_from_spec
-
-    search = [Path(p) for p in data.meta.get("inputs", {}).get("codes", [])]
     try:
-        return codec_from_spec(data.codec, search=search)
+        return data.load_codec()
     except (ValleError, OSError, ImportError) as e:
         warnings.warn(f"no audio samples in TensorBoard: the codec of the shards cannot be built ({e})",
                       stacklevel=2)
