@@ -222,9 +222,14 @@ class Prefetcher:
         return item
 
     def close(self) -> None:
+        """Stops the thread and waits for it: a daemon thread still inside torch's C++ code when the
+        interpreter exits is unwound by force, and the process aborts ("terminate called without an
+        active exception", exit -6) after the run's work is done."""
         self._stop.set()
-        while not self._queue.empty():
-            self._queue.get_nowait()
+        while self._thread.is_alive():
+            while not self._queue.empty():  # a producer blocked on a full queue sees the stop flag
+                self._queue.get_nowait()
+            self._thread.join(timeout=0.1)
 
 
 # ----------------------------------------------------------------------------- model, optimizer, schedule
