@@ -5,7 +5,7 @@ $(error LAYOUT=folder needs CORPUS=/path/to/speaker/folders)
 endif
 TRANSCRIPTS := $(CORPUS)
 CORPUS_READY := $(CORPUS)
-PROMPT ?= $(firstword $(sort $(wildcard $(CORPUS)/*/*.wav)))
+PROMPT ?= $(call first_wav,$(CORPUS),*/*.wav)
 # Evaluation: give EVAL_ROWS=rows.csv (id|text|prompt) and EVAL_REFERENCES=folder of <id>.wav to score samples.
 EVAL_ROWS ?=
 EVAL_REFERENCES ?=

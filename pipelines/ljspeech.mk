@@ -6,7 +6,7 @@ endif
 CORPUS := $(LJSPEECH)/wavs
 TRANSCRIPTS := $(LJSPEECH)/metadata.csv
 CORPUS_READY := $(LJSPEECH)/metadata.csv
-PROMPT ?= $(firstword $(sort $(wildcard $(CORPUS)/*.wav)))
+PROMPT ?= $(call first_wav,$(CORPUS),*.wav)
 SPLIT_BY := utterance
 VAL_FRACTION := 0.02
 # Evaluation: give EVAL_ROWS=rows.csv (id|text|prompt) and EVAL_REFERENCES=folder of <id>.wav to score samples.

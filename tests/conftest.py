@@ -42,6 +42,20 @@ def one_error_line(res: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def unusable_clips(good: Path, folder: Path) -> list[Path]:
+    """A 10 ms click, 1 s of digital silence, and anti-phase stereo of a real voice (silent once mixed)."""
+    import numpy as np
+    import soundfile as sf
+
+    audio, rate = sf.read(good, dtype="float32")
+    folder.mkdir(parents=True, exist_ok=True)
+    clips = [folder / "click.wav", folder / "silence.wav", folder / "antiphase.wav"]
+    sf.write(clips[0], np.random.default_rng(0).uniform(-0.5, 0.5, rate // 100), rate)
+    sf.write(clips[1], np.zeros(rate, np.float32), rate)
+    sf.write(clips[2], np.stack([audio, -audio], axis=1), rate)
+    return clips
+
+
 @pytest.fixture(scope="session")
 def espeak_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """corpus/<speaker>/<id>.wav + .txt: 3 voices x 4 sentences, made by examples/make_corpus.py."""

@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 
 from valle_cli.codecs.audio import find_audio, load_audio, wav_bytes
-from valle_cli.errors import AudioError
+from valle_cli.errors import AudioError, InputError
 
 
 def _tone(rate: int, seconds: float = 0.5, channels: int = 1) -> np.ndarray:
@@ -77,3 +77,48 @@ def test_wav_bytes_round_trip():
     data = wav_bytes(_tone(24000).astype(np.float32), 24000)
     back, rate = sf.read(io.BytesIO(data))
     assert rate == 24000 and len(back) == 12000
+
+
+def test_block_reader_matches_whole_file_read_across_blocks(tmp_path, monkeypatch):
+    """6 channels at 44.1 kHz -> mono 24 kHz, read in blocks of 1000 frames (many block joins), equals
+    decoding, mixing and resampling the whole file at once."""
+    import soxr
+
+    from valle_cli.codecs import audio
+
+    x = np.random.default_rng(0).uniform(-0.4, 0.4, (44100 * 2 + 123, 6)).astype(np.float32)
+    sf.write(tmp_path / "six.wav", x, 44100, subtype="FLOAT")
+    whole, _ = sf.read(tmp_path / "six.wav", dtype="float32", always_2d=True)
+    expected = soxr.resample(whole.mean(axis=1), 44100, 24000, quality="HQ")
+    monkeypatch.setattr(audio, "BLOCK_FRAMES", 1000)
+    blocks = list(audio.MonoStream(tmp_path / "six.wav", 24000))
+    assert len(blocks) > 80
+    np.testing.assert_allclose(np.concatenate(blocks), expected, rtol=0, atol=1e-6)
+    wav, seconds = load_audio(tmp_path / "six.wav", 24000)
+    np.testing.assert_allclose(wav, expected, rtol=0, atol=1e-6)
+    assert seconds == pytest.approx(len(x) / 44100)
+
+
+def test_file_over_the_length_limit_is_refused_before_decoding(tmp_path, monkeypatch):
+    from valle_cli.codecs import audio
+
+    sf.write(tmp_path / "long.flac", _tone(16000, seconds=3.0), 16000)
+    monkeypatch.setenv("VALLE_MAX_AUDIO_HOURS", "0.0005")  # 1.8 s
+    monkeypatch.setattr(audio, "_sf_blocks", None)  # decoding anything would fail differently
+    with pytest.raises(AudioError) as info:
+        load_audio(tmp_path / "long.flac", 16000)
+    assert str(info.value) == (f"{tmp_path / 'long.flac'}: 3.0 s of audio, over the limit of 1.8 s per file "
+                               "(set VALLE_MAX_AUDIO_HOURS to raise it)")
+    monkeypatch.setenv("VALLE_MAX_AUDIO_HOURS", "lots")
+    with pytest.raises(InputError, match="VALLE_MAX_AUDIO_HOURS=lots: expected a positive number of hours"):
+        load_audio(tmp_path / "long.flac", 16000)
+
+
+def test_blocks_past_the_limit_are_refused_when_the_header_understates_the_length(tmp_path):
+    from valle_cli.codecs import audio
+
+    sf.write(tmp_path / "short.wav", _tone(16000, seconds=0.5), 16000)
+    stream = audio.MonoStream(tmp_path / "short.wav", 16000, max_seconds=1.0)
+    blocks = (np.zeros((4000, 2), np.float32) for _ in range(5))  # 1.25 s that a header called shorter
+    with pytest.raises(AudioError, match="short.wav: 1.2 s of audio, over the limit of 1.0 s per file"):
+        list(stream._mono(blocks, 16000))

@@ -6,12 +6,15 @@ import errno
 import os
 import pty
 import re
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_valle
+from conftest import REPO, TINY_CODEC, run_valle
 
 try:
     import tomllib
@@ -214,3 +217,100 @@ def test_the_package_ships_py_typed_and_no_stale_data():
     assert "py.typed" in patterns and (REPO / "valle_cli" / "py.typed").is_file()
     for pattern in patterns:  # every pattern ships a file that is not Python source
         assert [p for p in (REPO / "valle_cli").glob(pattern) if p.suffix != ".py"], pattern
+
+
+# ----------------------------------------------------------------------------- Ctrl-C: exit 130, one line
+
+
+def _start(*args: object) -> subprocess.Popen:
+    """``python -m valle_cli ARGS`` in the background, stdin an open pipe (a verb reading '-' waits on it)."""
+    env = {**{k: v for k, v in os.environ.items() if k != "VALLE_DEBUG"}, "PYTHONPATH": str(REPO),
+           "HF_HUB_OFFLINE": "1", "VALLE_NO_PROGRESS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "valle_cli", *map(str, args)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def _interrupt_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 240) -> tuple[int, str]:
+    """Send SIGINT (Ctrl-C) once ``ready()``; the exit code and stderr."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"never got ready to interrupt: {proc.communicate()[1].decode()}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err.decode()
+
+
+def _reading_stdin(proc: subprocess.Popen) -> Callable[[], bool]:
+    """Whether the process sleeps in read(0, ...), from Linux's /proc/PID/syscall (read is syscall 0 on
+    x86-64, 63 on arm64): the verb got past its imports and waits for data on stdin."""
+    def ready() -> bool:
+        try:
+            number, fd = Path(f"/proc/{proc.pid}/syscall").read_text().split()[:2]
+        except (OSError, ValueError):
+            return False
+        return number in ("0", "63") and fd == "0x0"
+
+    return ready
+
+
+def _assert_interrupted(code: int, err: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 130 and lines and lines[-1] == "Interrupted.", err
+    assert "Traceback" not in err and sum("nterrupt" in line for line in lines) == 1, err
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/syscall").is_file(), reason="needs Linux /proc/PID/syscall")
+
+
+@needs_proc
+@pytest.mark.parametrize("verb", ["phonemize", "decode"])
+def test_ctrl_c_while_waiting_on_stdin_exits_130(verb, tmp_path):
+    proc = _start(verb, "-", "-o", tmp_path / "out")
+    _assert_interrupted(*_interrupt_when(proc, _reading_stdin(proc)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_mid_folder_quantize_exits_130_and_keeps_whole_files(espeak_corpus, tmp_path):
+    codec = tmp_path / "codec.safetensors"
+    assert run_valle("quantize", "--fit-codec", espeak_corpus, "-o", codec, *TINY_CODEC).returncode == 0
+    audio = tmp_path / "audio"
+    wavs = sorted(espeak_corpus.rglob("*.wav"))
+    for copy in range(20):  # 240 hard links: long enough to land mid-folder
+        (audio / f"copy{copy:02d}").mkdir(parents=True)
+        for wav in wavs:
+            os.link(wav, audio / f"copy{copy:02d}" / wav.name)
+    out = tmp_path / "codes"
+    proc = _start("quantize", audio, "-o", out, "--codec", codec, "--batch-seconds", "1", "--workers", "1",
+                  "--encoders", "1")
+    _assert_interrupted(*_interrupt_when(proc, lambda: len(list(out.rglob("*.npz"))) >= 2))
+    written = list(out.rglob("*.npz"))
+    assert 2 <= len(written) < 240
+    from valle_cli import formats
+
+    for npz in written:  # atomic writes: every file there is whole
+        formats.read_codes(npz)
+    res = run_valle("quantize", audio, "-o", out, "--codec", codec)  # the rerun finishes the folder
+    assert res.returncode == 0 and f"{240 - len(written)} quantized, {len(written)} already done" in \
+        " ".join(res.stderr.decode().split()), res.stderr.decode()
+
+
+def test_ctrl_c_mid_train_exits_130_after_saving_a_checkpoint(tiny_run, tmp_path):
+    from valle_cli import checkpoint as ckpt
+    from valle_cli.formats import read_log
+
+    run = tmp_path / "run"
+    proc = _start("train", tiny_run / "shards", "-o", run, "--preset", "tiny", "--max-steps", "100000",
+                  "--batch-tokens", "3000", "--log-every", "1", "--eval-every", "100000", "--save-every", "100000",
+                  "--device", "cpu", "--set", "prompt_seconds=[0.5,1.0]")
+
+    def three_steps_logged() -> bool:
+        log = run / "log.jsonl"
+        return log.is_file() and log.read_text().count("\n") >= 3
+
+    _assert_interrupted(*_interrupt_when(proc, three_steps_logged))
+    logged = max(r["step"] for r in read_log(run) if r["split"] == "train")
+    saved = ckpt.list_checkpoints(run)
+    assert saved and int(saved[-1].name.split("-")[1]) >= logged >= 3  # "Ctrl-C saves a checkpoint first"

@@ -213,6 +213,35 @@ def test_bad_requests_are_refused():
         synthesize(ar_only, [request(0)], GenerateConfig(mode="nar-len"))
 
 
+def test_requests_past_the_context_are_one_line_errors_naming_the_limit():
+    """The tiny preset has 2048 positions; past them the RoPE table ended in an IndexError, in every mode."""
+    from valle_cli.generation.generate import continue_audio, infill
+
+    model = model_for()
+    too_long = 2100
+    with pytest.raises(InputError, match="2100 frames asked, past the model's context of 2048 positions"):
+        synthesize(model, [request(0, duration=too_long)], GenerateConfig(mode="nar-len", steps=1))
+    with pytest.raises(InputError, match="a prompt of 2100 frames fill the model's 2048 positions"):
+        synthesize(model, [request(0, prompt=too_long)], GREEDY)
+    with pytest.raises(InputError, match="2048 positions"):
+        continue_audio(model, request(0).prompt, too_long, GREEDY)
+    with pytest.raises(InputError, match="2048 positions"):
+        infill(model, request(0).prompt, request(1).prompt, GenerateConfig(mode="nar-len", steps=1), frames=too_long)
+
+
+@pytest.mark.parametrize("unified", [False, True])
+def test_ar_ends_each_row_at_the_end_of_its_context(unified):
+    """A model that never says stop, with max_frames past the context: each row of a batch stops where its
+    positions run out (segment positions: 2048 frames; unified: 2048 minus its text and prompt)."""
+    model = model_for(unified_positions=unified)
+    with torch.no_grad():
+        model.head_ar.bias[V] = -100.0  # never stops
+    rows = [request(0, prompt=8), request(1, prompt=40)]
+    out = synthesize(model, rows, replace(GREEDY, max_frames=2100))
+    expected = [2048 - (6 + 2 + p) for p in (8, 40)] if unified else [2048, 2048]
+    assert [o.shape[1] for o in out] == expected
+
+
 def test_continuation_rollouts_stitch_one_tape():
     from valle_cli.generation.generate import continue_audio
 
@@ -326,6 +355,39 @@ def test_a_manifest_writes_every_good_row_then_names_the_failed_ones(tiny_run, e
     table.write_text(f"a|Good morning.|{prompt}\nc|One. And two.|{prompt}\n")
     report = synth.tts_manifest(table, out, GenerateConfig(max_frames=20))
     assert (report.rows, report.written, report.skipped, report.failures) == (2, 1, 1, {})
+
+
+def test_manifest_ids_that_leave_the_output_folder_refuse_the_manifest(tiny_run, espeak_corpus, tmp_path):
+    """A hostile rows file must not write (or, with --overwrite, replace) files outside -o."""
+    from valle_cli.generation.synthesizer import Synthesizer
+
+    synth = Synthesizer.load(tiny_run / "run")
+    prompt = sorted((espeak_corpus / "spk00").glob("*.wav"))[0]
+    out = tmp_path / "a" / "b" / "out"
+    for bad in ("../../escaped", str(tmp_path / "absolute")):
+        table = tmp_path / "rows.csv"
+        table.write_text(f"fine|Good morning.|{prompt}\n{bad}|Hello.|{prompt}\n")
+        with pytest.raises(InputError, match=r"rows.csv: 1 id\(s\) would write outside the output folder"):
+            synth.tts_manifest(table, out, GenerateConfig(max_frames=5), overwrite=True)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.npz")) == []  # nothing at all
+    table.write_text(f"spk/fine|Good morning.|{prompt}\n")  # a subfolder inside -o is fine
+    synth.tts_manifest(table, out, GenerateConfig(max_frames=5))
+    assert (out / "spk" / "fine.npz").is_file()
+
+
+def test_durations_past_the_context_name_the_seconds_and_the_limit(tiny_run, espeak_corpus):
+    from valle_cli.generation.synthesizer import Synthesizer
+
+    synth = Synthesizer.load(tiny_run / "run")
+    prompt = sorted((espeak_corpus / "spk00").glob("*.wav"))[0]
+    limit = synth.model.config.max_positions
+    with pytest.raises(InputError, match=rf"--duration 600: 600.00 s \(\d+ frames\) is past the model's context "
+                                         rf"of {limit} positions \(room for"):
+        synth.tts("Hello.", [prompt], GenerateConfig(mode="nar-len", steps=1), duration_seconds=600)
+    with pytest.raises(InputError, match=rf"--continue-seconds 600 .*of {limit} positions"):
+        synth.continuation([prompt], 600, GenerateConfig(mode="nar-len", steps=1))
+    with pytest.raises(InputError, match=rf"in-fill of 600 s: .*of {limit} positions"):
+        synth.infill([prompt], [prompt], GenerateConfig(mode="nar-len", steps=1), seconds=600)
 
 
 def test_the_codes_encoder_and_the_prompts_read_codes_the_same_way(tiny_run, espeak_corpus):

@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import polars as pl
 import pytest
 from conftest import REPO
 
 VALLE = f"{sys.executable} -m valle_cli"
+# A stand-in for valle that prints the arguments it was given, one JSON list a call.
+ARGV_PRINTER = f"{sys.executable} -c 'import json, sys; print(json.dumps(sys.argv[1:]))'"
 
 
-def make(*args: str, dry: bool = False) -> subprocess.CompletedProcess:
+def make(*args: str, dry: bool = False, cwd: Path | None = None, valle: str = VALLE) -> subprocess.CompletedProcess:
+    """pipelines/Makefile; with cwd, make runs there (-f), so recipes run there too."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    cmd = ["make", "-C", str(REPO / "pipelines"), *(["-n"] if dry else []), f"VALLE={VALLE}",
-           f"PYTHON={sys.executable}", *args]
-    return subprocess.run(cmd, capture_output=True, env=env, timeout=900)
+    where = ["-f", str(REPO / "pipelines" / "Makefile")] if cwd else ["-C", str(REPO / "pipelines")]
+    cmd = ["make", *where, *(["-n"] if dry else []), f"VALLE={valle}", f"PYTHON={sys.executable}", *args]
+    return subprocess.run(cmd, capture_output=True, env=env, cwd=cwd, timeout=900)
 
 
 @pytest.mark.parametrize("layout, extra", [("espeak", []), ("folder", ["CORPUS=/data/voices"]),
@@ -50,8 +55,10 @@ def test_quality_is_the_demo_at_scale_on_a_gpu(tmp_path):
     for flag in ("--preset base", "--device cuda", "--max-steps 20000", "--batch-tokens 32000", "--lr 5e-4"):
         assert flag in train, (flag, train)
     assert "--speakers 40 --per-speaker 100" in out and "evaluate" in out and f"{tmp_path}/quality/" in out
-    res = make("quality", f"WORK={tmp_path}", "STEPS=50000", dry=True)  # still overridable
+    res = make("quality", f"WORK={tmp_path}", "STEPS=50000", "TEXT=It's `here`.", dry=True)  # still overridable
     assert "--max-steps 50000" in res.stdout.decode()
+    sample = shlex.split(next(line for line in res.stdout.decode().splitlines() if " sample " in line))
+    assert sample[sample.index("--text") + 1] == "It's `here`."  # settings reach the inner make as data
 
 
 def _train_line(work) -> str:
@@ -96,13 +103,98 @@ def test_torch_comes_from_pypi_unless_an_index_is_given(tmp_path):
     assert "--index-url" not in torch
     cpu = "https://download.pytorch.org/whl/cpu"
     torch = next(line for line in _top("install", venv, f"TORCH_INDEX_URL={cpu}").splitlines() if "torch==" in line)
-    assert torch.endswith(f"torch==2.13.0 --index-url {cpu}")
+    assert shlex.split(torch)[-3:] == ["torch==2.13.0", "--index-url", cpu]
 
 
 def test_install_says_how_to_put_valle_on_path_and_lint_checks_the_layers(tmp_path):
     venv = tmp_path / "venv"
-    assert f"'. {venv}/bin/activate'" in _top("install", f"VENV={venv}")
+    echo = next(line for line in _top("install", f"VENV={venv}").splitlines() if line.startswith("echo "))
+    assert f"'. {venv}/bin/activate'" in shlex.split(echo)[1]
     assert f"{venv}/bin/lint-imports" in _top("lint", f"VENV={venv}")
+
+
+def test_a_venv_path_with_spaces_is_one_word_in_every_recipe(tmp_path):
+    venv = tmp_path / "my venv"
+    pip = [shlex.split(line) for line in _top("install", f"VENV={venv}").splitlines() if "/pip" in line]
+    assert pip and all(words[0] == f"{venv}/bin/pip" for words in pip)
+    # the inner make gets valle as one quoted word, and uses it so
+    calls = [shlex.split(line) for line in _top("demo", f"VENV={venv}").splitlines() if "/bin/valle" in line]
+    inner = [words for words in calls if words[0] not in ("make", "echo")]
+    assert inner and all(words[0] == f"{venv}/bin/valle" for words in inner)
+
+
+def _hostile_corpus(root: Path, layout: str, name: str) -> tuple[list[str], Path]:
+    """A corpus whose first .wav (the pipeline's prompt) is called `name`: the make arguments for it,
+    and the prompt's path. Every target up to the model is made up to date, so `make sample` runs
+    only the sample and decode steps."""
+    if layout == "folder":
+        corpus = root / "corpus"
+        (corpus / "spk").mkdir(parents=True)
+        (corpus / "spk" / "z.wav").touch()
+        prompt, ready, args = corpus / "spk" / name, corpus, [f"CORPUS={corpus}"]
+    else:
+        lj = root / "LJ"
+        (lj / "wavs").mkdir(parents=True)
+        (lj / "wavs" / "z.wav").touch()
+        prompt, ready, args = lj / "wavs" / name, lj / "metadata.csv", [f"LJSPEECH={lj}"]
+        ready.write_text("z|b|b\n")
+    prompt.touch()
+    os.utime(ready, (1000, 1000))
+    work = root / "work"
+    for i, target in enumerate(("codec.safetensors", "phonemes.parquet", "codes/manifest.parquet", "chunks.parquet",
+                                "shards/index.parquet", "run/.done")):
+        (work / target).parent.mkdir(parents=True, exist_ok=True)
+        (work / target).touch()
+        os.utime(work / target, (2000 + i, 2000 + i))
+    return [f"LAYOUT={layout}", f"WORK={work}", *args], prompt
+
+
+@pytest.mark.parametrize("layout", ["folder", "ljspeech"])
+@pytest.mark.parametrize("name", ["$(touch${IFS}PWNED).wav", "`touch${IFS}PWNED`.wav", "a;touch${IFS}PWNED;.wav",
+                                  "it's \"quoted\" & spaced.wav"])
+def test_a_hostile_corpus_file_name_is_passed_as_data(layout, name, tmp_path):
+    # ${IFS}: no space, so that make's old $(wildcard) kept the name whole and the shell ran it
+    args, prompt = _hostile_corpus(tmp_path, layout, name)
+    res = make("sample", *args, dry=True)
+    assert res.returncode == 0, res.stderr.decode()
+    line = next(line for line in res.stdout.decode().splitlines() if " sample " in line)
+    words = shlex.split(line)  # the recipe line as the shell reads it
+    assert words[words.index("--prompt") + 1] == str(prompt), line
+    # run the step for real, in tmp_path (where an injected `touch PWNED` would leave its mark)
+    res = make("sample", *args, cwd=tmp_path, valle=ARGV_PRINTER)
+    assert res.returncode == 0, res.stderr.decode()
+    calls = [json.loads(line) for line in res.stdout.decode().splitlines() if line.startswith("[")]
+    sample = next(argv for argv in calls if argv[0] == "sample")
+    assert sample[sample.index("--prompt") + 1] == str(prompt)
+    assert not list(tmp_path.rglob("PWNED")), "a file name ran as a command"
+
+
+def test_work_and_corpus_paths_with_spaces(tmp_path):
+    corpus, work = tmp_path / "my corpus", tmp_path / "my work"
+    (corpus / "spk 1").mkdir(parents=True)
+    (corpus / "spk 1" / "utt 1.wav").touch()
+    (corpus / "spk 1" / "utt 1.txt").write_text("Hello there.\n")
+    res = make("demo", "LAYOUT=folder", f"CORPUS={corpus}", f"WORK={work}", dry=True)
+    assert res.returncode == 0, res.stderr.decode()
+    calls = [shlex.split(line) for line in res.stdout.decode().splitlines() if line.startswith(VALLE)]
+    quantize = next(words for words in calls if "quantize" in words and "--codec" in words)
+    assert quantize[quantize.index("quantize") + 1] == str(corpus) and f"{work}/codes" in quantize
+    sample = next(words for words in calls if "sample" in words)
+    assert sample[sample.index("--prompt") + 1] == str(corpus / "spk 1" / "utt 1.wav")
+    res = make("demo", f"WORK={work}", dry=True)  # espeak: the corpus is made inside WORK
+    assert res.returncode == 0, res.stderr.decode()
+    make_corpus = next(line for line in res.stdout.decode().splitlines() if "make_corpus.py" in line)
+    assert f"{work}/corpus" in shlex.split(make_corpus)
+    # one real step, then make sees it is up to date (targets with spaces compare their times)
+    res = make("phonemes", "LAYOUT=folder", f"CORPUS={corpus}", f"WORK={work}")
+    assert res.returncode == 0, res.stderr.decode()
+    assert (work / "phonemes.parquet").is_file()
+    assert make("-q", "phonemes", "LAYOUT=folder", f"CORPUS={corpus}", f"WORK={work}").returncode == 0
+
+
+def test_a_path_make_cannot_use_as_a_target_is_refused_by_name(tmp_path):
+    res = make("demo", f"WORK={tmp_path}/a;b", dry=True)
+    assert res.returncode != 0 and b"WORK=" in res.stderr and b"cannot use a path with ';'" in res.stderr
 
 
 def test_a_layout_without_its_path_says_so():

@@ -181,3 +181,50 @@ def test_neural_codes_do_not_depend_on_the_core_count(audio_dir, tmp_path):
     for p in (tmp_path / "t1").rglob("*.npz"):
         assert np.array_equal(formats.read_codes(p).codes, formats.read_codes(tmp_path / "t2" / p.relative_to(
             tmp_path / "t1")).codes), p
+
+
+def test_long_files_are_streamed_in_windows_with_the_codes_of_whole_files(audio_dir, tmp_path, monkeypatch):
+    """Files over WINDOW_SECONDS are read and encoded window by window in the encoder thread; the fake
+    codec's frames see only their own samples, so the joined codes equal whole-file encoding exactly."""
+    from valle_cli.codecs import quantize
+
+    whole, windowed = FakeCodec(), FakeCodec()
+    quantize_folder(audio_dir, tmp_path / "whole", whole, batch_seconds=100.0)
+    monkeypatch.setattr(quantize, "WINDOW_SECONDS", 0.3)
+    monkeypatch.setattr(quantize, "CONTEXT_SECONDS", 0.05)
+    report = quantize_folder(audio_dir, tmp_path / "windowed", windowed, batch_seconds=100.0)
+    assert report.written == 4 and not report.failures
+    assert windowed.calls == [1] * (2 + 3 + 5 + 7)  # 0.4, 0.7, 1.3, 2.1 s in windows of 0.3 s
+    for p in (tmp_path / "whole").rglob("*.npz"):
+        a, b = formats.read_codes(p), formats.read_codes(tmp_path / "windowed" / p.relative_to(tmp_path / "whole"))
+        assert np.array_equal(a.codes, b.codes) and a.seconds == b.seconds
+
+
+def test_streamed_audio_above_full_scale_is_scaled_like_whole_audio(tmp_path):
+    """A float file peaking at 3.0 is divided by its peak; streaming learns the peak at the end and encodes
+    again, giving the codes of the whole-file path."""
+    from valle_cli.codecs.audio import MonoStream, load_audio
+    from valle_cli.codecs.quantize import encode_stream
+
+    t = np.arange(16000 * 2) / 16000
+    sf.write(tmp_path / "loud.wav", 3.0 * np.sin(2 * np.pi * 5 * t) * np.sin(2 * np.pi * 440 * t), 16000,
+             subtype="FLOAT")
+    codec = FakeCodec()
+    (whole,) = codec.encode([load_audio(tmp_path / "loud.wav", 16000)[0]])
+    windowed = encode_stream(MonoStream(tmp_path / "loud.wav", 16000), codec, window_seconds=0.3,
+                             context_seconds=0.04)
+    assert np.array_equal(windowed, whole)
+    assert np.array_equal(quantize_file(tmp_path / "loud.wav", codec).codes, whole)
+
+
+def test_file_over_the_length_limit_is_a_listed_failure(audio_dir, tmp_path, monkeypatch, fake_codec):
+    monkeypatch.setenv("VALLE_MAX_AUDIO_HOURS", str(1.0 / 3600))  # 1 s: u1 (1.3 s) and u3 (2.1 s) are over
+    with pytest.raises(PartialFailure) as info:
+        quantize_folder(audio_dir, tmp_path / "codes", fake_codec)
+    assert info.value.failures == {
+        str(audio_dir / "spk1/u1.wav"): "1.3 s of audio, over the limit of 1.0 s per file "
+                                        "(set VALLE_MAX_AUDIO_HOURS to raise it)",
+        str(audio_dir / "spk1/u3.wav"): "2.1 s of audio, over the limit of 1.0 s per file "
+                                        "(set VALLE_MAX_AUDIO_HOURS to raise it)",
+    }
+    assert sorted(p.name for p in (tmp_path / "codes").rglob("*.npz")) == ["u0.npz", "u2.npz"]

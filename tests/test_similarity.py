@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from conftest import REPO, ok, one_error_line, run_valle
+from conftest import REPO, ok, one_error_line, run_valle, unusable_clips
 
 from valle_cli import formats
 from valle_cli.errors import InputError
@@ -209,17 +209,38 @@ def test_bad_inputs_are_one_line_errors(espeak_corpus, tmp_path):
 
 
 @pytest.mark.parametrize("encoder", ["mfcc", "ge2e"])
-def test_a_clip_of_a_few_frames_is_scored(espeak_corpus, tmp_path, encoder):
-    """A generated output that stopped after 40 ms gets a (low) score instead of ending the run."""
+def test_embed_files_scores_a_clip_of_a_few_frames(espeak_corpus, tmp_path, encoder):
+    """evaluate's path: a generated output that stopped after 40 ms gets a (low) score instead of ending the run
+    (the tables of valle similarity refuse it: test_bad_inputs)."""
     import soundfile as sf
 
     good = wavs(espeak_corpus, "spk00")[0]
     audio, rate = sf.read(good, dtype="float32")
     sf.write(tmp_path / "short.wav", audio[: int(0.04 * rate)], rate)
-    res = run_valle("similarity", good, tmp_path / "short.wav", "-e", encoder)
-    ok(res)
-    score = pl.read_csv(io.BytesIO(res.stdout))["similarity"][0]
+    vectors = sim.embed_files([good, tmp_path / "short.wav"], encoder)
+    score = sim.cosine_pairs(vectors[:1], vectors[1:])[0]
     assert np.isfinite(score) and score < 0.95
+
+
+def test_tables_refuse_unusable_audio_for_one_pair_and_list_it_among_many(espeak_corpus, tmp_path):
+    from valle_cli.errors import PartialFailure
+
+    good = wavs(espeak_corpus, "spk00")
+    click, silence, antiphase = unusable_clips(good[0], tmp_path)
+    with pytest.raises(sim.UnusableAudio, match=r"click.wav: 10 ms of audio, shorter than 50 ms"):
+        sim.similarity_table([(good[0], click)], "mfcc")
+    for clip in (silence, antiphase):
+        with pytest.raises(sim.UnusableAudio, match=f"{clip.name}: digital silence"):
+            sim.similarity_table([(good[0], clip)], "mfcc")
+    unusable: dict[str, str] = {}
+    df = sim.similarity_table([(good[0], good[1]), (good[0], silence), (click, good[1])], "mfcc", unusable=unusable)
+    assert df["b"].to_list() == [str(good[1])] and sorted(unusable) == [str(click), str(silence)]
+    with pytest.raises(PartialFailure, match=r"2 file\(s\) too short or silent .* \(1 pair\(s\) written\)"):
+        sim.write_table(df, tmp_path / "t.csv", {}, unusable)
+    assert pl.read_csv(tmp_path / "t.csv")["b"].to_list() == [str(good[1])]  # written before the error
+    unusable = {}
+    result = sim.matrix([*good[:3], antiphase], "mfcc", speakers=["a", "a", "b", "b"], unusable=unusable)
+    assert list(unusable) == [str(antiphase)] and len(result.table) == 3 and result.speakers == ["a", "a", "b"]
 
 
 def test_ge2e_without_resemblyzer_says_how_to_install(espeak_corpus):

@@ -147,26 +147,40 @@ def mark_best(run: str | os.PathLike[str], checkpoint: Path) -> None:
     atomic_write_bytes(Path(run) / BEST_FILE, f"{checkpoint.relative_to(run)}\n".encode())
 
 
-def load_state(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state.json, optimizer tensors) of a checkpoint saved with a train state."""
-    from safetensors.torch import load_file
+TRAIN_STATE_KEYS = ("step", "optimizer", "scheduler", "sampler", "torch_rng")  # what a resume needs
 
+
+def load_state(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state.json, optimizer tensors) of a checkpoint saved with a train state; the format version first."""
     folder = Path(folder)
+    read_meta(folder)
     state_dir = folder / STATE_DIR
-    if not (state_dir / "state.json").is_file():
+    path = state_dir / "state.json"
+    if not path.is_file():
         raise InputError(f"{folder}: has no {STATE_DIR}/ to resume from (was it exported without it?)")
-    return json.loads((state_dir / "state.json").read_text()), load_file(str(state_dir / "optimizer.safetensors"))
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    missing = [key for key in TRAIN_STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise FormatError(f"{path}: not a complete train state (no {', '.join(repr(k) for k in missing)})")
+    return state, read_tensors(state_dir / "optimizer.safetensors", "optimizer state")
 
 
 def load_weights(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    return read_tensors(Path(folder) / MODEL_FILE, "weights")
+
+
+def read_tensors(path: Path, what: str) -> dict[str, Any]:
+    """A safetensors file; a missing, truncated or foreign file is a FormatError naming it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(folder) / MODEL_FILE
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise FormatError(f"{path}: unreadable weights ({e})") from None
+        raise FormatError(f"{path}: unreadable {what} ({e})") from None
 
 
 # ----------------------------------------------------------------------------- optimizer state (no pickle)

@@ -1,11 +1,13 @@
-"""Device selection, torch threads and seeding, shared by every stage. Imports torch lazily."""
+"""Device selection, torch threads, seeding and the output-is-not-an-input rule, shared by every stage.
+Imports torch lazily."""
 
 from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from valle_cli.errors import InputError, ValleError
@@ -76,3 +78,37 @@ def config_from_dict(cls: type[T], data: dict[str, Any], what: str) -> T:
     if unknown:
         raise InputError(f"unknown {what} config field(s): {', '.join(unknown)}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def same_path(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths name one file or folder: equal once resolved (symlinks, ``..``), or one file
+    under two names (a hard link)."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def refuse_output_over_input(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None],
+                             flag: str = "-o", inside: bool = False) -> None:
+    """Refuse an output that is, or resolves to, one of the inputs: writing it would destroy the input,
+    --overwrite or not. With ``inside`` (an output folder whose contents a verb replaces) an input
+    anywhere under the output is refused too. '-' (stdin, stdout) and None are no paths."""
+    if str(out) == "-":
+        return
+    out = Path(out)
+    for given in inputs:
+        if given is None or str(given) == "-":
+            continue
+        path = Path(given)
+        if same_path(out, path) or (inside and _inside(path, out)):
+            where = "is" if str(out) == str(path) else "resolves to" if same_path(out, path) else "holds"
+            raise InputError(f"{flag} {out} {where} the input {path}: write the output elsewhere "
+                             "(valle never replaces an input, even with --overwrite)")

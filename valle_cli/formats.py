@@ -146,13 +146,29 @@ def codes_to_bytes(item: Codes) -> bytes:
     return buf.getvalue()
 
 
+_AUDIO_MAGIC = (b"RIFF", b"RF64", b"fLaC", b"OggS", b"ID3", b"FORM", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2")
+
+
+def _not_codes(data: bytes, name: str) -> FormatError:
+    """What a file that is no zip archive (as every .npz is) was meant to be, in one line."""
+    if data.startswith(_AUDIO_MAGIC):
+        return FormatError(f"{name}: not a codes .npz file but audio (valle quantize turns audio into codes)")
+    return FormatError(f"{name}: not a codes .npz file (made by valle quantize or valle sample)")
+
+
 def codes_from_bytes(data: bytes, name: str = "<codes>") -> Codes:
     if not data:
         raise FormatError(f"{name}: empty file, expected a codes .npz")
+    if not data.startswith(b"PK"):  # else numpy would try it as a pickle and talk about allow_pickle
+        raise _not_codes(data, name)
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
+    except ValueError as e:
+        if "allow_pickle" in str(e):  # an array of Python objects: valle never writes one, nor loads it
+            raise FormatError(f"{name}: not a valle codes file (it holds pickled Python objects)") from None
+        raise FormatError(f"{name}: not a readable codes .npz (truncated or foreign file: {e})") from None
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
         raise FormatError(f"{name}: not a readable codes .npz (truncated or foreign file: {e})") from None
     missing = [k for k in _CODES_KEYS if k not in arrays]
     if missing:

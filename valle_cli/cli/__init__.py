@@ -46,6 +46,10 @@ for module in (phonemize, quantize, score_chunks, shard, train, sample, decode, 
     module.register(app)
 
 
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
+INTERRUPTED_LINE = "Interrupted."
+
+
 def _one_line(exc: BaseException) -> str:
     from valle_cli.errors import ValleError
 
@@ -69,8 +73,13 @@ def main(argv: list[str] | None = None) -> None:
     uppercase_placeholders(command)
     debug = bool(os.environ.get("VALLE_DEBUG"))
     try:
-        command.main(args=argv, prog_name="valle", standalone_mode=False)
-        code = 0
+        # With standalone_mode=False typer *returns* an exit code instead of raising: the code of a
+        # typer.Exit raised inside a verb, and 130 for a KeyboardInterrupt it caught itself (no verb
+        # returns a number of its own, so a returned 130 is Ctrl-C).
+        returned = command.main(args=argv, prog_name="valle", standalone_mode=False)
+        code = returned if isinstance(returned, int) else 0
+        if code == INTERRUPTED:
+            print(INTERRUPTED_LINE, file=sys.stderr)
     except typer.Exit as e:
         code = e.exit_code
     except click_errors.NoSuchOption as e:
@@ -83,8 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         e.show()
         code = e.exit_code
     except (KeyboardInterrupt, typer.Abort):
-        print("Interrupted.", file=sys.stderr)
-        code = 130
+        print(INTERRUPTED_LINE, file=sys.stderr)
+        code = INTERRUPTED
     except BrokenPipeError:
         # The reader of stdout has gone (`valle ... | head`): exit quietly, and keep Python from
         # complaining again when it flushes stdout at shutdown.

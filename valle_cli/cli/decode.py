@@ -35,9 +35,10 @@ def command(
     from valle_cli.codecs import load_codec
     from valle_cli.codecs.audio import wav_bytes
     from valle_cli.codecs.decode import CodecCache, decode_folder, decode_item
-    from valle_cli.common import resolve_device
+    from valle_cli.common import refuse_output_over_input, resolve_device
     from valle_cli.errors import InputError
 
+    refuse_output_over_input(out, [input, codec if codec and Path(codec).exists() else None])
     dev = resolve_device(device)
     codecs = CodecCache(dev, load_codec(codec, dev) if codec else None)
     if str(input) != "-" and input.is_dir():
@@ -54,7 +55,7 @@ def command(
     item = formats.read_codes(input)
     where = None if str(input) == "-" else input.parent
     the_codec = codecs.for_codes(item, where, formats.display_name(input))
-    wav = decode_item(item, the_codec)
+    wav = decode_item(item, the_codec, formats.display_name(input))
     formats.write_output_bytes(out, wav_bytes(wav, the_codec.sample_rate))
     Log.info(f"{len(wav) / the_codec.sample_rate:.2f} s of audio -> {formats.display_name(out, output=True)}")
 

@@ -80,6 +80,9 @@ def command(
         raise typer.BadParameter("only -e codes uses a checkpoint", param_hint="--checkpoint")
     if run is not None and not run.is_dir():
         raise typer.BadParameter(f"{run}: no such run folder", param_hint="--run")
+    from valle_cli.common import refuse_output_over_input
+
+    refuse_output_over_input(out, [manifest, outputs, references, run, held_out_from, checkpoint])
     if out.exists() and not out.is_dir():
         raise typer.BadParameter(f"{out}: not a folder", param_hint="--out")
     if any((out / name).exists() for name in _PRODUCTS) and not overwrite:

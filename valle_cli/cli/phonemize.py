@@ -64,6 +64,9 @@ def command(input: Input, out: Out, lang: Lang = "en-us", tokenizer: Kind = None
     Log.configure(quiet, verbose)
     if vocab is not None and tokenizer is not None:
         raise typer.BadParameter("--tokenizer and --vocab exclude each other (--vocab brings its tokenizer)")
+    from valle_cli.common import refuse_output_over_input
+
+    refuse_output_over_input(out, [input, vocab])
     if skip_existing(out, overwrite):
         return
     from valle_cli.formats import write_phonemes

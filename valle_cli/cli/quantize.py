@@ -64,11 +64,12 @@ def command(
     Log.configure(quiet, verbose)
     part = _parse_shard(shard)
     from valle_cli.codecs import quantize as lib
-    from valle_cli.common import resolve_device, seed_everything
+    from valle_cli.common import refuse_output_over_input, resolve_device, seed_everything
     from valle_cli.errors import InputError
 
     if str(input) != "-" and not input.exists():
         raise InputError(f"{input}: no such file or folder")
+    refuse_output_over_input(out, [input, codec if codec and Path(codec).exists() else None])
     seed_everything(seed)
     dev = resolve_device(device)
     fit = lib.FitOptions(seconds=fit_seconds, n_codebooks=codebooks, codebook_size=codebook_size, seed=seed)

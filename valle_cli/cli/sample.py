@@ -39,6 +39,10 @@ prompt audio by S seconds (--rollouts N times, each from the tape's last --conte
 --mode ar+nar: level 0 autoregressively (KV cache; until the stop token or --max-seconds), then
 one NAR pass per further level. --mode nar-len: the duration from the len head (--duration to
 force it), then --steps rounds of demasking. auto picks ar+nar when the model has the AR task.
+
+A --duration, --continue-seconds or in-fill that does not fit in the model's context after the text
+and prompt is refused with one line giving the room left in seconds; the AR pass stops each request
+(each --manifest row) at its own context limit when that comes before --max-seconds.
 """
 
 
@@ -145,12 +149,15 @@ def command(
 ) -> None:
     Log.configure(quiet, verbose)
     from valle_cli import formats
-    from valle_cli.common import resolve_device
+    from valle_cli.common import refuse_output_over_input, resolve_device
     from valle_cli.generation.generate import GenerateStats
     from valle_cli.generation.synthesizer import Synthesizer
 
     config = replace(generate_config(ctx.args, mode.value, steps), compile=compile_)
     check_inputs(out, text, prompt, manifest, continue_seconds, infill_suffix)
+    refuse_output_over_input(out, [checkpoint, *(prompt or ()), *(infill_suffix or ()), chunks, manifest])
+    if manifest is not None:
+        check_manifest_outputs(manifest, out)
     if manifest is None and skip_existing(out, overwrite):
         return
     synth = Synthesizer.load(checkpoint, resolve_device(device), which="best" if best else "last")
@@ -197,6 +204,17 @@ def check_inputs(out: Path, text: str | None, prompt: list[Path] | None, manifes
         raise InputError("--manifest takes its texts and prompts from the file: drop --text / --prompt")
     if manifest is not None and str(out) == "-":
         raise InputError("--manifest writes one npz per row: -o must name a folder")
+
+
+def check_manifest_outputs(manifest: Path, out: Path) -> None:
+    """No row's output (``out/<id>.npz``) is one of the prompts of the manifest: sampling would replace it."""
+    from valle_cli.common import refuse_output_over_input
+    from valle_cli.formats import read_sample_manifest
+
+    rows = read_sample_manifest(manifest)
+    prompts = [p for _, _, row_prompts in rows for p in row_prompts]
+    for uid, _, _ in rows:
+        refuse_output_over_input(out / f"{uid}.npz", prompts, flag=f"row {uid!r} of {manifest}: its output")
 
 
 def describe_output(item: Any, frame_rate: float, audio_only: bool) -> str:

@@ -65,8 +65,13 @@ def command(
     if workers < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--workers")
     from valle_cli import formats
+    from valle_cli.common import refuse_output_over_input
     from valle_cli.data import chunks
 
+    inputs = [codes, codes / formats.MANIFEST_NAME if codes.is_dir() else None]
+    refuse_output_over_input(out, inputs)
+    if plot is not None:
+        refuse_output_over_input(plot, inputs, flag="--plot")
     try:
         params = chunks.ChunkParams(chunk_seconds=0.75 if chunk_seconds is None else chunk_seconds, bpm=bpm,
                                     beats_per_chunk=beats_per_chunk, novelty=novelty.value, fast_seconds=fast_seconds,

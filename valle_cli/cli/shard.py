@@ -56,6 +56,7 @@ def command(inputs: Inputs, out: Out, chunks: Chunks = None, min_seconds: MinSec
             max_prompts: MaxPrompts = 64, no_text: NoText = False, overwrite: Overwrite = False, seed: Seed = 0,
             quiet: Quiet = False, verbose: Verbose = 0) -> None:
     Log.configure(quiet, verbose)
+    from valle_cli.common import refuse_output_over_input
     from valle_cli.data.shards import SPLITS, ShardOptions, build_shards
     from valle_cli.errors import InputError
     from valle_cli.formats import MANIFEST_NAME
@@ -70,6 +71,7 @@ def command(inputs: Inputs, out: Out, chunks: Chunks = None, min_seconds: MinSec
             codes.append(path if path.is_dir() else path.parent)
         else:
             phonemes.append(path)
+    refuse_output_over_input(out, [*inputs, *codes, *(chunks or ())])
     if not codes:
         raise InputError("no codes folder among the inputs (make one with valle quantize audio/ -o codes/)")
     if not phonemes and not no_text:

@@ -28,6 +28,10 @@ embeddings summed over codebook levels and averaged over time.
 
 The table (a, b, similarity, encoder; --matrix adds same_speaker) goes to stdout as CSV, or to -o
 FILE as .csv, .parquet or .json. A summary (pairs, mean, std, min, max) goes to stderr.
+
+Audio that has no voice to embed is refused, never scored: under 50 ms, digital silence, or stereo
+that cancels once mixed to mono. One such pair is an error (exit 1); among many, the other pairs are
+written and the refused files are listed (exit 1).
 """
 
 
@@ -72,6 +76,9 @@ def command(
     if not to_stdout and out.suffix.lower() not in _TABLE_EXTENSIONS:
         raise typer.BadParameter(f"{out}: expected a .csv, .parquet or .json file, or - for stdout",
                                  param_hint="--out")
+    from valle_cli.common import refuse_output_over_input
+
+    refuse_output_over_input(out, [*inputs, pairs, matrix, checkpoint])
     if skip_existing(out, overwrite):
         return
 
@@ -92,10 +99,13 @@ def command(
         sim.check_files(inputs)
         pair_list = [(inputs[0], inputs[1])]
     files = [p for pair in pair_list for p in pair]
+    refuse_output_over_input(out, files)
+    # two files: an unusable one is the error; folders and tables: unusable files are listed, the rest written
+    unusable: dict[str, str] | None = None if inputs and not inputs[0].is_dir() else {}
     with progress(f"embed ({encoder.value})", total=len(sim.distinct_files(files)), unit="files") as advance:
-        df = sim.similarity_table(pair_list, encoder.value, on_progress=advance, **options)
+        df = sim.similarity_table(pair_list, encoder.value, on_progress=advance, unusable=unusable, **options)
     summary = sim.summarize(df["similarity"].to_numpy())
-    sim.write_table(df, out, {"encoder": encoder.value, "mode": "pairs", "summary": summary})
+    sim.write_table(df, out, {"encoder": encoder.value, "mode": "pairs", "summary": summary}, unusable)
     Log.info(f"{_describe(summary, encoder.value)}{_destination(out)}")
 
 
@@ -119,11 +129,12 @@ def _run_matrix(folder: Path, encoder: str, out: Path, options: dict[str, Any]) 
     speakers = sim.speakers_of(paths, folder)
     if speakers is None:
         Log.detail(f"{folder}: not every file is in a speaker subfolder: no same/different-speaker statistics")
+    unusable: dict[str, str] = {}  # listed, the rest written
     with progress(f"embed ({encoder})", total=len(paths), unit="files") as advance:
-        result = sim.matrix(paths, encoder, speakers=speakers, on_progress=advance, **options)
+        result = sim.matrix(paths, encoder, speakers=speakers, on_progress=advance, unusable=unusable, **options)
     meta = {"encoder": encoder, "mode": "matrix", "summary": result.summary, "same_speaker": result.same,
             "different_speaker": result.different, "eer": result.eer}
-    sim.write_table(result.table, out, meta)
+    sim.write_table(result.table, out, meta, unusable)
     Log.info(f"{len(paths)} files, {_describe(result.summary, encoder)}{_destination(out)}")
     if speakers is None:
         return

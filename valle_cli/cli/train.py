@@ -136,6 +136,11 @@ def command(
     quiet: Quiet = False, verbose: Verbose = 0,
 ) -> None:
     Log.configure(quiet, verbose)
+    from valle_cli.common import refuse_output_over_input
+
+    # --overwrite clears the run folder's checkpoints and --merge-lora replaces -o whole: no input may lie in it
+    refuse_output_over_input(out, [merge_lora, init_from], inside=True)
+    refuse_output_over_input(out, [shards, config, chunks])
     if merge_lora is not None:
         from valle_cli.model.load import merge_lora_checkpoint
 

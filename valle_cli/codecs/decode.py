@@ -17,7 +17,7 @@ import numpy as np
 from valle_cli import formats
 from valle_cli.codecs import Codec, FolderReport, check_same_codec, codec_from_spec, codec_identity
 from valle_cli.codecs.audio import wav_bytes
-from valle_cli.errors import PartialFailure, ValleError
+from valle_cli.errors import InputError, PartialFailure, ValleError
 
 
 class CodecCache:
@@ -37,14 +37,20 @@ class CodecCache:
         return self._built[key]
 
 
-def decode_item(item: formats.Codes, codec: Codec) -> np.ndarray:
+def decode_item(item: formats.Codes, codec: Codec, name: str = "<codes>") -> np.ndarray:
+    """(S,) audio of one codes item; codes of no frames are refused (a wav of no samples is no output)."""
+    if item.codes.shape[1] == 0:
+        raise InputError(f"{name}: no code frames (T = 0): nothing to decode")
     (wav,) = codec.decode([item.codes])
     return wav
 
 
 def decode_folder(in_dir: Path, out_dir: Path, codecs: CodecCache, *, overwrite: bool = False,
                   on_progress: Callable[[int], None] | None = None) -> FolderReport:
-    """Mirror every codes file under in_dir as a wav under out_dir; bad files are listed, not fatal."""
+    """Mirror every codes file under in_dir as a wav under out_dir; bad files are listed, not fatal.
+
+    Output paths are the input paths relative to in_dir (rglob under in_dir: no '..' part), so every
+    wav lands inside out_dir."""
     start = time.perf_counter()
     report = FolderReport()
     files = sorted(p for p in in_dir.rglob("*.npz") if not p.name.startswith("."))
@@ -58,7 +64,7 @@ def decode_folder(in_dir: Path, out_dir: Path, codecs: CodecCache, *, overwrite:
             try:
                 item = formats.read_codes(path)
                 codec = codecs.for_codes(item, path.parent, str(path))
-                wav = decode_item(item, codec)
+                wav = decode_item(item, codec, str(path))
                 formats.atomic_write_bytes(out, wav_bytes(wav, codec.sample_rate))
                 report.written += 1
                 report.audio_seconds += len(wav) / codec.sample_rate

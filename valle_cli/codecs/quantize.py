@@ -5,7 +5,8 @@ The id of an utterance is its audio path relative to the input folder without th
 length and encoded in batches of about ``batch_seconds`` of audio while the next batch loads on
 worker threads. Finished outputs are skipped on a rerun, so an interrupted run just continues;
 ``shard=(i, n)`` lets n processes split one corpus. Files that fail are listed at the end; the
-rest are still written.
+rest are still written. A file longer than ``WINDOW_SECONDS`` is never held whole: it is read block by
+block and encoded a window at a time (``encode_stream``), so memory stays flat in its length.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 
 from valle_cli import formats
 from valle_cli.codecs import Codec, FolderReport, check_same_codec, frames_for
-from valle_cli.codecs.audio import find_audio, load_audio
+from valle_cli.codecs.audio import MonoStream, find_audio, load_audio
 from valle_cli.common import torch_threads
 from valle_cli.errors import AudioError, InputError, PartialFailure, ValleError
 
@@ -34,6 +35,11 @@ CODEC_FILE = "codec.safetensors"
 # per-file speed with 30 s batches, 1.06x with 10 s).
 ACCELERATOR_BATCH_SECONDS = 120.0
 CPU_BATCH_SECONDS = 20.0
+# Longer files are encoded a window at a time, each window seeing CONTEXT_SECONDS of audio either side
+# whose codes are dropped. The built-in codec's frames see 27 ms either side, so its codes do not change;
+# a neural codec's frames near a join see 1 s of context instead of the whole file.
+WINDOW_SECONDS = 60.0
+CONTEXT_SECONDS = 1.0
 
 
 @dataclass
@@ -250,6 +256,8 @@ Loaded = tuple[Job, np.ndarray | None, float, str]  # (job, audio or None, secon
 
 
 def _load(job: Job, sample_rate: int) -> Loaded:
+    if job.seconds > WINDOW_SECONDS:
+        return job, None, job.seconds, ""  # too long to hold: the encoder streams it (_encode_and_write)
     try:
         wav, seconds = load_audio(job.source, sample_rate)
         return job, wav, seconds, ""
@@ -257,9 +265,24 @@ def _load(job: Job, sample_rate: int) -> Loaded:
         return job, None, job.seconds, str(e).removeprefix(f"{job.source}: ")
 
 
-def _encode_and_write(loaded: list[Loaded], codec: Codec) -> list[float]:
-    """Encode one batch and write its npz files; the audio seconds of each file written."""
-    good = [(job, wav, sec) for job, wav, sec, _ in loaded if wav is not None]
+def _encode_and_write(loaded: list[Loaded], codec: Codec) -> tuple[list[float], dict[str, str]]:
+    """Encode one batch and write its npz files; the audio seconds of each file written, and the failures
+    of the long files it streams (those come without audio and without an error)."""
+    failures, written = {}, []
+    for job, wav, _, error in loaded:
+        if wav is None and not error:
+            try:
+                item = quantize_file(job.source, codec)
+            except AudioError as e:
+                failures[str(job.source)] = str(e).removeprefix(f"{job.source}: ")
+                continue
+            formats.write_codes(job.out, item)
+            written.append(item.seconds)
+    return written + _encode_batch([(job, wav, sec) for job, wav, sec, _ in loaded if wav is not None], codec), failures
+
+
+def _encode_batch(good: list[tuple[Job, np.ndarray, float]], codec: Codec) -> list[float]:
+    """Encode loaded audio in one batch and write its npz files; the audio seconds of each."""
     if not good:
         return []
     codes = codec.encode([wav for _, wav, _ in good])
@@ -279,7 +302,8 @@ def _encode_batches(batches: list[list[Job]], codec: Codec, workers: int, n_enco
     and write them; counts go to ``report``."""
 
     def finish(batch: Future, loaded_seconds: float) -> None:
-        written = batch.result()
+        written, failures = batch.result()
+        report.failures.update(failures)
         report.written += len(written)
         report.audio_seconds += sum(written)
         if on_progress:
@@ -337,9 +361,71 @@ def update_manifest(out_dir: Path) -> Path:
 
 
 def quantize_file(source: str | Path | bytes, codec: Codec, name: str | None = None) -> formats.Codes:
-    """One audio file (or its bytes) -> Codes."""
-    wav, seconds = load_audio(source, codec.sample_rate, name=name)
-    (codes,) = codec.encode([wav])
+    """One audio file (or its bytes) -> Codes, read and encoded in windows (see ``encode_stream``)."""
+    stream = MonoStream(source, codec.sample_rate, name=name)
+    codes = encode_stream(stream, codec)
     origin = "" if isinstance(source, bytes) else str(Path(source).resolve())
     return formats.Codes(codes=np.asarray(codes, dtype=np.int16), sample_rate=codec.sample_rate,
-                         frame_rate=codec.frame_rate, codec=codec.spec, source=origin, seconds=seconds)
+                         frame_rate=codec.frame_rate, codec=codec.spec, source=origin, seconds=stream.seconds)
+
+
+def encode_stream(stream: MonoStream, codec: Codec, window_seconds: float | None = None,
+                  context_seconds: float | None = None) -> np.ndarray:
+    """Codes (K, T) of a whole file, encoded a window at a time as its blocks arrive.
+
+    Like ``load_audio``, audio peaking above full scale is divided by its peak: that is known only at the
+    end, so such a file (rare: float files, or resampling overshoot) is read and encoded a second time.
+    A file no longer than a window plus its context is one ``codec.encode`` call on the same samples
+    ``load_audio`` gives, so its codes are those of the batched path.
+    """
+    window_seconds = WINDOW_SECONDS if window_seconds is None else window_seconds
+    context_seconds = CONTEXT_SECONDS if context_seconds is None else context_seconds
+    codes, peak = _encode_in_windows(stream, codec, 1.0, window_seconds, context_seconds)
+    if peak > 1.0:
+        codes, _ = _encode_in_windows(stream, codec, peak, window_seconds, context_seconds)
+    return codes
+
+
+def _samples_per_frame(codec: Codec) -> int:
+    hop = codec.sample_rate / codec.frame_rate
+    if hop != int(hop):
+        raise ValleError(f"{codec.spec.get('name')}: {hop} samples per code frame; windows need a whole number")
+    return int(hop)
+
+
+def _encode_in_windows(blocks: Iterable[np.ndarray], codec: Codec, divisor: float, window_seconds: float,
+                       context_seconds: float) -> tuple[np.ndarray, float]:
+    """Codes (K, T) of the blocks joined (each divided by ``divisor``) and their peak |sample| (undivided).
+
+    Window w codes frames [w * W, (w + 1) * W); the encoder sees its audio plus ``context`` samples either
+    side (less at the ends of the file), and the codes of the context are dropped. Only the audio of the
+    current window and its context is held."""
+    hop = _samples_per_frame(codec)
+    window = max(1, round(window_seconds * codec.frame_rate)) * hop
+    context = int(np.ceil(context_seconds * codec.frame_rate)) * hop
+    pending, offset, done = np.zeros(0, np.float32), 0, 0  # audio from sample `offset` on; codes out below `done`
+    fresh, end = [], 0  # blocks not yet joined to pending; samples read so far
+    parts, peak = [], 0.0
+    for block in blocks:
+        peak = max(peak, float(np.abs(block).max(initial=0.0)))
+        fresh.append(block if divisor == 1.0 else block / divisor)
+        end += len(block)
+        if end < done + window + context:
+            continue
+        pending, fresh = np.concatenate([pending, *fresh]), []
+        while offset + len(pending) >= done + window + context:
+            parts.append(_window_codes(codec, pending[: done - offset + window + context], done - offset, hop,
+                                       window // hop))
+            done += window
+            pending, offset = pending[done - context - offset:], done - context
+    pending = np.concatenate([pending, *fresh])
+    parts.append(_window_codes(codec, pending, done - offset, hop, None))  # the rest, to the end of the file
+    return np.concatenate(parts, axis=1), peak
+
+
+def _window_codes(codec: Codec, audio: np.ndarray, start: int, hop: int, frames: int | None) -> np.ndarray:
+    """Codes of ``frames`` frames (all to the end when None) from sample ``start`` of ``audio``, whose
+    samples before ``start`` and after those frames are context."""
+    (codes,) = codec.encode([np.ascontiguousarray(audio)])
+    first = start // hop
+    return np.asarray(codes)[:, first: None if frames is None else first + frames]

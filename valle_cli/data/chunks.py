@@ -565,6 +565,12 @@ class _Sources:
     def score_originals(self, rows: list[dict[str, Any]], has_audio: list[bool], workers: int,
                         on_progress: Callable[[float], None] | None) -> dict[int, Scored | str]:
         """Row -> scores (or failure message) of the sources with their audio, loaded and scored on a pool."""
+        # The workers' lazy imports, done once here: two threads importing the same package for the
+        # first time can see it half-initialised (a KeyError: 'scipy' inside scipy.fft was seen).
+        import scipy.fft  # noqa: F401
+        import soundfile  # noqa: F401
+        import soxr  # noqa: F401
+
         results: dict[int, Scored | str] = {}
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             futures = {i: pool.submit(_guarded, self.from_original, row) for i, row in enumerate(rows) if has_audio[i]}

@@ -451,8 +451,11 @@ def _check_options(options: ShardOptions) -> None:
 
 
 def read_record(path: str, tokens: Sequence[int], frames: int, header: formats.ShardHeader) -> np.ndarray:
-    """The shard record of one utterance (flat uint16), after checking its codes against the header."""
-    codes = formats.read_codes_array(path)  # (K, T) int16
+    """The shard record of one utterance (flat uint16), after checking its codes against the header: the
+    codec that made them (as score-chunks checks it), their shape and their range."""
+    item = formats.read_codes(path)
+    check_same_codec(header.meta["codec"], item.codec, path)  # a file of another codec in a codes folder
+    codes = item.codes  # (K, T) int16
     if codes.shape != (header.n_codebooks, frames):
         raise FormatError(f"{path}: codes of shape {tuple(codes.shape)}, expected ({header.n_codebooks}, {frames}) "
                           "(K of the first file, T from manifest.parquet)")
@@ -585,15 +588,71 @@ class ShardSet:
         return header
 
     def _check_rows(self, index: Any) -> None:
+        """The index rows of each shard, in offset order, tile its body exactly: no gap, no overlap, nothing
+        past its end, as many rows as its header has records."""
         shard = index["shard"].to_numpy()
         if len(shard) and (shard.min() < 0 or shard.max() >= len(self.paths)):
             raise FormatError(f"{self.index_path}: rows name shard {shard.max()}, but it lists {len(self.paths)}")
-        ends = (index["offset"] + index["text_len"] + self.n_codebooks * index["frames"]).to_numpy()
+        offset = index["offset"].to_numpy().astype(np.int64)
+        text_len, frames = (index[c].to_numpy().astype(np.int64) for c in ("text_len", "frames"))
+        negative = np.flatnonzero((offset < 0) | (text_len < 0) | (frames < 0))
+        if len(negative):
+            raise FormatError(f"{self.index_path}: {self._row_name(index, negative[0])} has a negative offset, "
+                              "text_len or frames")
+        length = text_len + self.n_codebooks * frames  # (N,) uint16 values per record
         for number, header in enumerate(self.headers):
-            rows = shard == number
-            if rows.any() and ends[rows].max() > header.n_elements:
-                raise FormatError(f"{self.paths[number]}: {self.index_path.name} has rows past its end "
-                                  f"(up to {ends[rows].max()} values, the shard holds {header.n_elements})")
+            rows = np.flatnonzero(shard == number)
+            rows = rows[np.argsort(offset[rows], kind="stable")]
+            starts, ends = offset[rows], offset[rows] + length[rows]
+            end = int(ends.max()) if len(rows) else 0
+            if end > header.n_elements:
+                raise FormatError(f"{self.paths[number]}: {self.index_path.name} has rows past its end (up to {end} "
+                                  f"values, the shard holds {header.n_elements})")
+            previous_ends = np.r_[0, ends[:-1]]
+            wrong = np.flatnonzero(starts != previous_ends)
+            if len(wrong):
+                i = wrong[0]
+                how = "overlaps the record before it" if starts[i] < previous_ends[i] else "leaves a gap before it"
+                raise FormatError(f"{self.paths[number]}: {self.index_path.name} {self._row_name(index, rows[i])} "
+                                  f"starts at value {starts[i]}, where the record before it ends at {previous_ends[i]} "
+                                  f"({how})")
+            if end < header.n_elements or len(rows) != header.n_records:
+                raise FormatError(f"{self.paths[number]}: {self.index_path.name} accounts for {len(rows)} records "
+                                  f"and {end} values, the shard holds {header.n_records} and {header.n_elements}")
+
+    @staticmethod
+    def _row_name(index: Any, row: int) -> str:
+        return f"row {int(row)} (id {index['id'][int(row)]!r})"
+
+    def check_values(self) -> None:
+        """Every text token and code of every record within the vocabularies the header gives (reads all
+        shards once): a value out of range would otherwise fail deep inside the model's embeddings."""
+        shard = self._full["shard"].to_numpy()
+        for number in range(len(self.paths)):
+            rows = np.flatnonzero(shard == number)
+            if len(rows):
+                self._check_shard_values(number, rows)
+
+    def _check_shard_values(self, number: int, rows: np.ndarray) -> None:
+        """The largest text token and code of each record of one shard (one pass over its body)."""
+        index = self._full
+        offset = index["offset"].to_numpy()[rows].astype(np.int64)
+        text_len = index["text_len"].to_numpy()[rows].astype(np.int64)
+        frames = index["frames"].to_numpy()[rows].astype(np.int64)
+        body = self._body(number)
+        # _check_rows made the records tile the body: segments alternate text, codes, text, codes, ...
+        bounds = np.stack([offset, offset + text_len], axis=1).ravel()  # (2R,) text start, codes start
+        has_values = np.stack([text_len > 0, frames > 0], axis=1).ravel()
+        top = np.zeros(len(bounds), np.int64)
+        top[has_values] = np.maximum.reduceat(body, bounds[has_values]) if has_values.any() else []
+        text_top, codes_top = top[0::2], top[1::2]  # (R,) each
+        for tops, limit, what in ((codes_top, self.codebook_size, "code"), (text_top, self.text_vocab_size,
+                                                                           "text token")):
+            bad = np.flatnonzero(tops >= limit)
+            if len(bad):
+                raise FormatError(f"{self.paths[number]}: {self._row_name(index, rows[bad[0]])} has {what} "
+                                  f"{tops[bad[0]]}, outside [0, {limit - 1}] (K={self.n_codebooks}, codebook "
+                                  f"size {self.codebook_size}, text vocabulary {self.text_vocab_size})")
 
     # -- split views
 

@@ -20,6 +20,12 @@ Encoders (each maps one file to one vector):
 
 Codes files (.npz) given to ge2e or mfcc are decoded to audio with the codec they record. Each distinct
 file is embedded once, however many pairs it is in.
+
+A similarity of audio that holds no voice means nothing, so the tables (``similarity_table``, ``matrix``)
+refuse a clip shorter than 50 ms (as quantize does) and digital silence (which is also what anti-phase
+stereo becomes once mixed to mono): one such file of a single pair is the error; of many pairs it is
+listed and left out, and ``write_table`` raises PartialFailure once the rest is written. ``embed_files``
+alone scores any non-empty clip (``evaluate`` scores generated outputs of a few frames).
 """
 
 from __future__ import annotations
@@ -37,11 +43,12 @@ import numpy as np
 from valle_cli import formats
 from valle_cli.codecs.audio import AUDIO_EXTENSIONS
 from valle_cli.common import torch_threads
-from valle_cli.errors import AudioError, CodecError, InputError, ValleError
+from valle_cli.errors import AudioError, CodecError, InputError, PartialFailure, ValleError
 
 ENCODERS = ("ge2e", "mfcc", "codes")
 EMBED_RATE = 16000  # Hz: what ge2e and mfcc listen at
-MIN_EMBED_SAMPLES = EMBED_RATE // 20  # 50 ms: shorter clips are padded with silence
+MIN_EMBED_SAMPLES = EMBED_RATE // 20  # 50 ms (quantize's floor too): the tables refuse shorter clips, else padded
+SILENT_PEAK = 1e-4  # -80 dBFS, about 3 steps of 16-bit audio: below it a clip is digital silence
 INPUT_EXTENSIONS = (*AUDIO_EXTENSIONS, ".npz")
 N_MFCC = 20
 SIMILARITY_FORMAT_VERSION = 1
@@ -71,6 +78,9 @@ def find_inputs(folder: str | os.PathLike[str]) -> list[Path]:
 def check_files(paths: Sequence[Path]) -> None:
     """Every path is an existing file (fail before any model is loaded)."""
     for path in paths:
+        if str(path) == formats.STDIO:
+            raise InputError("-: similarity compares files, not stdin (a table of pairs can come from stdin: "
+                             "--pairs -)")
         if not path.is_file():
             raise InputError(f"{path}: {'is a folder, expected a file' if path.is_dir() else 'no such file'}")
 
@@ -189,13 +199,16 @@ class _AudioInput:
         self._device = device
         self._codecs: Any = None  # a CodecCache, made at the first codes file
 
-    def audio(self, path: Path) -> np.ndarray:  # (S,) float32 at EMBED_RATE
-        if path.suffix.lower() != ".npz":
-            from valle_cli.codecs.audio import load_audio
+    def embed(self, path: Path) -> np.ndarray:
+        return self.embed_audio(self.audio(path))
 
-            # Any non-empty clip is scored: a generated output that stopped after a frame or two scores
-            # badly, it does not end the run (the 50 ms floor of training data does not apply here).
-            return _at_least(load_audio(path, EMBED_RATE, min_seconds=0.0)[0], MIN_EMBED_SAMPLES)
+    def embed_audio(self, wav: np.ndarray) -> np.ndarray:
+        """(S,) float32 at EMBED_RATE -> (D,)."""
+        raise NotImplementedError
+
+    def audio(self, path: Path) -> np.ndarray:  # (S,) float32 at EMBED_RATE, any non-empty length
+        if path.suffix.lower() != ".npz":
+            return _audio_file(path)
         import soxr
 
         from valle_cli.codecs.decode import CodecCache, decode_item
@@ -204,12 +217,34 @@ class _AudioInput:
             self._codecs = CodecCache(_resolve(self._device))
         item = formats.read_codes(path)
         codec = self._codecs.for_codes(item, path.parent, str(path))
-        wav = np.asarray(decode_item(item, codec), np.float32)  # (S,) at the codec's rate
+        wav = np.asarray(decode_item(item, codec, str(path)), np.float32)  # (S,) at the codec's rate
         if wav.size == 0 or not np.isfinite(wav).all():
             raise AudioError(f"{path}: its codes decode to no usable audio")
         if codec.sample_rate != EMBED_RATE:
             wav = soxr.resample(wav, codec.sample_rate, EMBED_RATE, quality="HQ").astype(np.float32)
-        return _at_least(wav, MIN_EMBED_SAMPLES)
+        return wav
+
+
+def _audio_file(path: Path) -> np.ndarray:
+    """(S,) float32 mono at EMBED_RATE of any non-empty audio file: a generated output that stopped after
+    a frame or two scores badly in ``evaluate``, it does not end the run."""
+    from valle_cli.codecs.audio import load_audio
+
+    return load_audio(path, EMBED_RATE, min_seconds=0.0)[0]
+
+
+class UnusableAudio(AudioError):
+    """Audio that holds no voice to compare: too short, or digital silence."""
+
+
+def check_usable(wav: np.ndarray, path: Path) -> None:
+    """(S,) audio at EMBED_RATE is at least 50 ms long and not digital silence, else UnusableAudio."""
+    if len(wav) < MIN_EMBED_SAMPLES:
+        raise UnusableAudio(f"{path}: {1000 * len(wav) / EMBED_RATE:.0f} ms of audio, shorter than "
+                            f"{1000 * MIN_EMBED_SAMPLES // EMBED_RATE} ms: too short to compare voices")
+    if float(np.abs(wav).max()) < SILENT_PEAK:
+        raise UnusableAudio(f"{path}: digital silence (peak below -80 dBFS once mixed to mono; anti-phase stereo "
+                            "cancels out too): no voice to compare")
 
 
 def _at_least(wav: np.ndarray, n: int) -> np.ndarray:
@@ -233,8 +268,8 @@ class Ge2eEncoder(_AudioInput):
         self._preprocess, self._on_cpu = preprocess_wav, resolved == "cpu"
         self._model = VoiceEncoder(resolved, verbose=False)
 
-    def embed(self, path: Path) -> np.ndarray:
-        wav = self.audio(path)
+    def embed_audio(self, wav: np.ndarray) -> np.ndarray:
+        wav = _at_least(wav, MIN_EMBED_SAMPLES)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             speech = self._preprocess(wav)  # volume-normalised, long silences cut
@@ -250,10 +285,10 @@ class Ge2eEncoder(_AudioInput):
 class MfccEncoder(_AudioInput):
     name = "mfcc"
 
-    def embed(self, path: Path) -> np.ndarray:
+    def embed_audio(self, wav: np.ndarray) -> np.ndarray:
         import librosa
 
-        wav = self.audio(path)
+        wav = _at_least(wav, MIN_EMBED_SAMPLES)
         with warnings.catch_warnings():  # short clips: librosa warns that n_fft exceeds the input
             warnings.simplefilter("ignore")
             mfcc = librosa.feature.mfcc(y=wav, sr=EMBED_RATE, n_mfcc=N_MFCC + 1)[1:]  # (20, F), c0 dropped
@@ -304,8 +339,13 @@ def distinct_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
 
 def embed_files(paths: Sequence[str | os.PathLike[str]], encoder: str | Encoder, *,
                 checkpoint: str | os.PathLike[str] | None = None, device: str = "cpu",
-                on_progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """(N, D) float32 embeddings of ``paths`` (each distinct file embedded once); every failure names its file."""
+                on_progress: Callable[[int], None] | None = None, usable_only: bool = False,
+                unusable: dict[str, str] | None = None) -> np.ndarray:
+    """(N, D) float32 embeddings of ``paths`` (each distinct file embedded once); every failure names its file.
+
+    ``usable_only``: audio too short or silent to compare is refused (UnusableAudio, see ``check_usable``),
+    or, given an ``unusable`` dict, recorded there (path -> reason) and its row left NaN.
+    """
     paths = [Path(p) for p in paths]
     distinct = distinct_files(paths)
     check_files(distinct)
@@ -313,14 +353,29 @@ def embed_files(paths: Sequence[str | os.PathLike[str]], encoder: str | Encoder,
         encoder = make_encoder(encoder, checkpoint=checkpoint, device=device)
     vectors: dict[Path, np.ndarray] = {}
     for path in distinct:
-        vectors[path.resolve()] = _embed_one(encoder, path)
+        try:
+            vectors[path.resolve()] = _embed_one(encoder, path, usable_only)
+        except UnusableAudio as e:
+            if unusable is None:
+                raise
+            unusable[str(path)] = str(e).removeprefix(f"{path}: ")
         if on_progress:
             on_progress(1)
-    return np.stack([vectors[p.resolve()] for p in paths]).astype(np.float32)  # (N, D)
+    size = next((len(v) for v in vectors.values()), 1)
+    nan = np.full(size, np.nan, np.float32)
+    return np.stack([vectors.get(p.resolve(), nan) for p in paths]).astype(np.float32)  # (N, D)
 
 
-def _embed_one(encoder: Encoder, path: Path) -> np.ndarray:
+def _embed_one(encoder: Encoder, path: Path, usable_only: bool = False) -> np.ndarray:
     try:
+        if not usable_only:
+            return encoder.embed(path)
+        if isinstance(encoder, _AudioInput):
+            wav = encoder.audio(path)
+            check_usable(wav, path)
+            return encoder.embed_audio(wav)
+        if path.suffix.lower() != ".npz":  # the codes encoder: check the audio it is about to encode
+            check_usable(_audio_file(path), path)
         return encoder.embed(path)
     except ValleError as e:
         if str(e).startswith(str(path)) or not isinstance(e, (InputError, CodecError)):
@@ -383,17 +438,25 @@ def summarize(scores: Sequence[float] | np.ndarray) -> dict[str, float]:
 
 def similarity_table(pairs: Sequence[tuple[str | os.PathLike[str], str | os.PathLike[str]]], encoder: str | Encoder,
                      *, checkpoint: str | os.PathLike[str] | None = None, device: str = "cpu",
-                     on_progress: Callable[[int], None] | None = None) -> Any:
-    """polars DataFrame with columns a, b, similarity (cosine), encoder: one row per pair."""
+                     on_progress: Callable[[int], None] | None = None,
+                     unusable: dict[str, str] | None = None) -> Any:
+    """polars DataFrame with columns a, b, similarity (cosine), encoder: one row per pair.
+
+    A file too short or silent to compare (``check_usable``) is the error, or, given an ``unusable``
+    dict, recorded there and its pairs left out of the table (``write_table`` then raises PartialFailure).
+    """
     import polars as pl
 
     if not pairs:
         raise InputError("no pairs to compare")
     files = [Path(p) for pair in pairs for p in pair]  # a0, b0, a1, b1, ...
-    vectors = embed_files(files, encoder, checkpoint=checkpoint, device=device, on_progress=on_progress)  # (2P, D)
-    scores = cosine_pairs(vectors[0::2], vectors[1::2])  # (P,)
-    return pl.DataFrame({"a": [str(p) for p in files[0::2]], "b": [str(p) for p in files[1::2]],
-                         "similarity": scores, "encoder": [_name(encoder)] * len(pairs)})
+    vectors = embed_files(files, encoder, checkpoint=checkpoint, device=device, on_progress=on_progress,
+                          usable_only=True, unusable=unusable)  # (2P, D), NaN rows for unusable files
+    a, b = vectors[0::2], vectors[1::2]
+    keep = ~(np.isnan(a[:, 0]) | np.isnan(b[:, 0]))  # (P,)
+    return pl.DataFrame({"a": [str(p) for p, k in zip(files[0::2], keep, strict=True) if k],
+                         "b": [str(p) for p, k in zip(files[1::2], keep, strict=True) if k],
+                         "similarity": cosine_pairs(a[keep], b[keep]), "encoder": [_name(encoder)] * int(keep.sum())})
 
 
 @dataclass
@@ -412,9 +475,10 @@ class Matrix:
 
 def matrix(paths: Sequence[str | os.PathLike[str]], encoder: str | Encoder, *, speakers: Sequence[str] | None = None,
            checkpoint: str | os.PathLike[str] | None = None, device: str = "cpu",
-           on_progress: Callable[[int], None] | None = None) -> Matrix:
+           on_progress: Callable[[int], None] | None = None, unusable: dict[str, str] | None = None) -> Matrix:
     """Every file against every other; with ``speakers`` (one label per file) also the mean same- and
-    different-speaker similarity and the equal-error rate."""
+    different-speaker similarity and the equal-error rate. Files too short or silent to compare are the
+    error, or, given an ``unusable`` dict, recorded there and left out (as in ``similarity_table``)."""
     import polars as pl
 
     paths = distinct_files(paths)
@@ -422,7 +486,14 @@ def matrix(paths: Sequence[str | os.PathLike[str]], encoder: str | Encoder, *, s
         raise InputError(f"a similarity matrix needs at least 2 files, got {len(paths)}")
     if speakers is not None and len(speakers) != len(paths):
         raise ValueError(f"{len(speakers)} speaker labels for {len(paths)} distinct files")
-    vectors = embed_files(paths, encoder, checkpoint=checkpoint, device=device, on_progress=on_progress)  # (N, D)
+    vectors = embed_files(paths, encoder, checkpoint=checkpoint, device=device, on_progress=on_progress,
+                          usable_only=True, unusable=unusable)  # (N, D), NaN rows for unusable files
+    keep = ~np.isnan(vectors[:, 0])  # (N,)
+    if keep.sum() < 2:
+        raise PartialFailure(f"{int((~keep).sum())} unusable file(s): fewer than 2 files left, no matrix",
+                             unusable or {})
+    paths, vectors = [p for p, k in zip(paths, keep, strict=True) if k], vectors[keep]
+    speakers = None if speakers is None else [s for s, k in zip(speakers, keep, strict=True) if k]
     scores = cosine_matrix(vectors)  # (N, N)
     i, j = np.triu_indices(len(paths), k=1)  # (P,) each, i < j
     columns: dict[str, Any] = {"a": [str(paths[k]) for k in i], "b": [str(paths[k]) for k in j],
@@ -444,9 +515,18 @@ def _name(encoder: str | Encoder) -> str:
     return encoder if isinstance(encoder, str) else encoder.name
 
 
-def write_table(df: Any, out: str | os.PathLike[str], metadata: dict[str, Any]) -> None:
+def write_table(df: Any, out: str | os.PathLike[str], metadata: dict[str, Any],
+                unusable: dict[str, str] | None = None) -> None:
     """CSV to stdout for '-', else by extension: .csv, .json (a list of rows) or .parquet (with
-    ``metadata`` under the 'valle' key); files are written atomically."""
+    ``metadata`` under the 'valle' key); files are written atomically. Then, when files were left out
+    as ``unusable`` (path -> reason), PartialFailure lists them."""
+    _write_table(df, out, metadata)
+    if unusable:
+        raise PartialFailure(f"{len(unusable)} file(s) too short or silent to compare, left out "
+                             f"({len(df)} pair(s) written)", unusable)
+
+
+def _write_table(df: Any, out: str | os.PathLike[str], metadata: dict[str, Any]) -> None:
     if str(out) == formats.STDIO:
         sys.stdout.write(df.write_csv())
         sys.stdout.flush()

@@ -3,12 +3,13 @@
     codes = synthesize(model, requests, GenerateConfig(mode="ar+nar"), seed=0)   # list of (K, T)
 
 AR + NAR (the VALL-E paper; one unified model as in e-c-k-e-r/vall-e): level 0 autoregressively
-(prefill the prefix once, then one cached step per frame until the stop token or ``max_frames``),
-then levels 1..K-1 in one bidirectional pass each (greedy by default). NAR-len: the duration from
-the len head (or given), then ``steps`` rounds of demasking level 0 on a cosine schedule (MaskGIT):
-every round samples every masked frame, scores each sample by its *unfiltered* probability, keeps
-the best and re-masks the rest; a kept token is never re-masked (e-c-k-e-r/vall-e's NAR-len: without
-this the output stutters). CFG strength >= 2 there by default.
+(prefill the prefix once, then one cached step per frame until the stop token, ``max_frames`` or the
+end of the model's ``max_positions``), then levels 1..K-1 in one bidirectional pass each (greedy by
+default). NAR-len: the duration from the len head (or given; it must fit in the context), then
+``steps`` rounds of demasking level 0 on a cosine schedule (MaskGIT): every round samples every
+masked frame, scores each sample by its *unfiltered* probability, keeps the best and re-masks the
+rest; a kept token is never re-masked (e-c-k-e-r/vall-e's NAR-len: without this the output
+stutters). CFG strength >= 2 there by default.
 
 Samplers (``SamplingParams``, one per pass; ``params.py`` holds the knobs): repetition penalty over
 a window with decay, length penalty on the stop token, min-p, top-k, top-p, temperature (<= 0:
@@ -35,6 +36,7 @@ from torch import Tensor
 from valle_cli.data import tasks
 from valle_cli.errors import InputError
 from valle_cli.generation.params import MODES, GenerateConfig, SamplingParams
+from valle_cli.model.config import ModelConfig
 from valle_cli.model.masks import decode_step_mask, prefix_bidirectional_mask
 from valle_cli.model.valle import Batch, CodecLM
 
@@ -203,7 +205,8 @@ class ARDecoder:
         x = self.model.resp_ar(token)[:, None]  # (B, 1, D)
         s = self.prefix_len + t + 1  # slots filled once this frame is in
         self.valid[:, s - 1] = True
-        positions = self.next_position[:, None]  # (B, 1)
+        # (B, 1); a row that ended at its context limit stays finished: hold it at the last position
+        positions = self.next_position[:, None].clamp_max(self.model.config.max_positions - 1)
         if self.cache is not None:
             mask = decode_step_mask(self.valid[:, :s], 1) if self.step_needs_mask else None
             self.h = self.step(x, positions, mask, self.cache)[:, 0]
@@ -273,14 +276,18 @@ def generate_ar(model: CodecLM, requests: list[Request], config: GenerateConfig,
     """Level-0 codes (T_i,) per request, up to (not including) the stop token."""
     start_time = time.perf_counter()
     cfg = config.ar.cfg_strength != 0
+    # a row ends at max_frames or at the end of the model's context, whichever comes first
+    limits = [min(config.max_frames, frames_room(model.config, r)) for r in requests]
+    config = replace(config, max_frames=max(limits))
     decoder = ar_prefill(model, requests, config, cfg)
     n, stop, device = len(requests), model.config.codebook_size, decoder.valid.device
+    limit = torch.tensor(limits, device=device)  # (n,)
     out = torch.full((n, config.max_frames), stop, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     steps = 0
     for t in range(config.max_frames):
         token = ar_next_token(model, decoder.h, out, t, config, cfg, generator)
-        token = torch.where(done, stop, token)  # a finished row keeps emitting the stop token
+        token = torch.where(done | (t >= limit), stop, token)  # a finished row keeps emitting the stop token
         out[:, t] = token
         done |= token == stop
         steps = t + 1
@@ -346,11 +353,13 @@ def predict_durations(model: CodecLM, requests: list[Request], config: GenerateC
 
 
 def nar_len_durations(model: CodecLM, requests: list[Request], config: GenerateConfig) -> list[int]:
-    """Frames per request: its ``duration``, else the len head's prediction; within 1..max_frames."""
+    """Frames per request: its ``duration``, else the len head's prediction (within the model's context);
+    within 1..max_frames."""
     predicted = None
     if any(r.duration is None for r in requests):
         predicted = predict_durations(model, requests, config)
-    lengths = [r.duration if r.duration is not None else predicted[i] for i, r in enumerate(requests)]
+    lengths = [r.duration if r.duration is not None else min(predicted[i], frames_room(model.config, r))
+               for i, r in enumerate(requests)]
     return [int(min(max(t, 1), config.max_frames)) for t in lengths]
 
 
@@ -434,6 +443,32 @@ def resolve_mode(model: CodecLM, mode: str) -> str:
     return mode
 
 
+def frames_room(config: ModelConfig, request: Request) -> int:
+    """Response frames that fit in the model's ``max_positions`` after this request's text and prompt (<= 0: none).
+
+    With unified positions the whole row counts (text, lang, task, prompt (+ SEP), response: positions
+    0..S-1); otherwise positions restart in every segment, so each segment must fit on its own. The AR
+    start slot needs no room of its own: the last frame is never fed back.
+    """
+    prompt = request.prompt.shape[1] + (request.prompt_split >= 0)
+    if config.unified_positions:
+        return config.max_positions - (len(request.text) + 2 + prompt)
+    return config.max_positions if max(len(request.text), prompt) <= config.max_positions else 0
+
+
+def check_context(model: CodecLM, requests: list[Request]) -> None:
+    """Every request leaves room for a response, and a forced duration fits (RoPE tables end at max_positions)."""
+    limit = model.config.max_positions
+    for i, r in enumerate(requests):
+        room = frames_room(model.config, r)
+        if room < 1:
+            raise InputError(f"request {i}: {len(r.text)} text tokens and a prompt of {r.prompt.shape[1]} frames "
+                             f"fill the model's {limit} positions: shorten the prompt or the text")
+        if r.duration is not None and r.duration > room:
+            raise InputError(f"request {i}: {r.duration} frames asked, past the model's context of {limit} positions "
+                             f"(room for {room} frames after this text and prompt)")
+
+
 def check_requests(model: CodecLM, requests: list[Request]) -> None:
     k, v = model.config.n_codebooks, model.config.codebook_size
     for i, r in enumerate(requests):
@@ -448,6 +483,7 @@ def check_requests(model: CodecLM, requests: list[Request]) -> None:
             raise InputError(f"request {i}: prompt split {r.prompt_split} past the prompt's {r.prompt.shape[1]} frames")
         if not 0 <= r.lang < model.config.n_langs:
             raise InputError(f"request {i}: language id {r.lang} outside 0..{model.config.n_langs - 1}")
+    check_context(model, requests)
 
 
 def synthesize(model: CodecLM, requests: list[Request], config: GenerateConfig = GenerateConfig(),

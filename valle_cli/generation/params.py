@@ -41,7 +41,7 @@ class GenerateConfig:
     ar: SamplingParams = SamplingParams(temperature=1.0, top_k=0, repetition_penalty=1.0)
     nar: SamplingParams = SamplingParams(temperature=0.0)
     demask: SamplingParams = SamplingParams(temperature=1.0, cfg_strength=2.5)  # NAR-len level 0
-    max_frames: int = 2250  # AR stops here at the latest (30 s at 75 frames/s)
+    max_frames: int = 2250  # AR stops here at the latest (30 s at 75 frames/s), or at the end of the context
     min_frames: int = 1  # the stop token is banned before this many frames
     steps: int = 25  # NAR-len demasking rounds
     duration_padding: float = 1.0  # NAR-len: predicted length times this

@@ -34,6 +34,7 @@ from valle_cli.generation.generate import (
     GenerateStats,
     Request,
     continue_audio,
+    frames_room,
     infill,
     synthesize,
     synthesize_long,
@@ -50,6 +51,17 @@ class ManifestReport:
     written: int = 0  # npz files this run wrote
     skipped: int = 0  # rows whose npz was already there
     failures: dict[str, str] = field(default_factory=dict)  # row id -> reason
+
+
+def check_output_ids(manifest: str | os.PathLike[str], ids: list[str]) -> None:
+    """Every id names a file inside the output folder (``spk/utt`` is fine; an absolute id or one with a '..'
+    part is not). A manifest with such an id is refused whole, before anything is generated: it was made
+    wrongly or to overwrite files elsewhere, and neither deserves the time to sample its other rows."""
+    bad = [uid for uid in ids if Path(uid).is_absolute() or ".." in Path(uid).parts]
+    if bad:
+        shown = ", ".join(repr(uid) for uid in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise InputError(f"{manifest}: {len(bad)} id(s) would write outside the output folder ({shown}): an id is "
+                         "a relative name without '..'")
 
 
 def split_sentences(text: str) -> list[str]:
@@ -136,6 +148,15 @@ class Synthesizer:
         _, tokens = text_to_tokens(text, meta)
         return np.asarray(tokens, np.int64)
 
+    def check_room(self, frames: int, prompt: np.ndarray, text: np.ndarray, what: str, split: int = -1) -> None:
+        """``frames`` of response fit in the model's positions after ``text`` and ``prompt``, else a one-line
+        error that names ``what`` was asked, the limit and how much does fit."""
+        room = frames_room(self.model.config, Request(text, prompt, prompt_split=split))
+        if frames > room:
+            raise InputError(f"{what}: {frames / self.frame_rate:.2f} s ({frames} frames) is past the model's context "
+                             f"of {self.model.config.max_positions} positions (room for "
+                             f"{max(room, 0) / self.frame_rate:.2f} s after this text and prompt)")
+
     def default_prompt_seconds(self) -> float:
         return float(self.meta.get("tasks", {}).get("prompt_seconds", [3.0, 6.0])[1])
 
@@ -162,6 +183,8 @@ class Synthesizer:
         with self.autocast():
             if len(tokens) == 1:
                 duration = None if duration_seconds is None else max(1, round(duration_seconds * self.frame_rate))
+                if duration is not None:
+                    self.check_room(duration, prompt, tokens[0], f"--duration {duration_seconds:g}")
                 (codes,) = synthesize(self.model, [Request(tokens[0], prompt, lang, duration)], config, seed, stats)
                 return self.to_codes(codes)
             codes, frames = synthesize_long(self.model, tokens, prompt, config, context_history, lang, seed, stats)
@@ -181,12 +204,14 @@ class Synthesizer:
                      on_progress: Callable[[int], None] | None = None) -> ManifestReport:
         """``<out>/<id>.npz`` for every row of an id|text|prompt manifest (``formats.read_sample_manifest``).
 
-        Rows whose npz exists are skipped unless ``overwrite``. Single-sentence rows are generated
-        ``batch_size`` at a time (the batch that starts at single-sentence row i is seeded ``seed + i``),
-        then the long-form rows one by one. A failed row does not stop the others: once every good row is
-        written, PartialFailure lists the failed ones. ``on_progress(n)``: n more rows done or skipped.
+        Ids must stay inside ``out`` (``check_output_ids``). Rows whose npz exists are skipped unless
+        ``overwrite``. Single-sentence rows are generated ``batch_size`` at a time (the batch that starts at
+        single-sentence row i is seeded ``seed + i``), then the long-form rows one by one. A failed row does
+        not stop the others: once every good row is written, PartialFailure lists the failed ones.
+        ``on_progress(n)``: n more rows done or skipped.
         """
         rows = formats.read_sample_manifest(manifest)
+        check_output_ids(manifest, [uid for uid, _, _ in rows])
         out = Path(out)
         todo = [row for row in rows if overwrite or not (out / f"{row[0]}.npz").exists()]
         report = ManifestReport(rows=len(rows), skipped=len(rows) - len(todo))
@@ -251,9 +276,14 @@ class Synthesizer:
                 raise InputError("--chunks picks a window of one prompt file: give exactly one --prompt path")
             prompt = self.priority_window(chunks, Path(prompts[0]), prompt, int(round(context * self.frame_rate)))
         frames = max(1, int(round(seconds * self.frame_rate)))
+        context_frames = int(round(context * self.frame_rate))
+        seen = prompt.shape[1] + (rollouts - 1) * frames  # the tape the last rollout continues
+        seen = min(seen, context_frames) if context_frames > 0 else seen
+        self.check_room(frames, np.zeros((prompt.shape[0], seen), np.int64), np.zeros(0, np.int64),
+                        f"--continue-seconds {seconds:g} (--rollouts continues in parts)")
         with self.autocast():
-            tape, parts = continue_audio(self.model, prompt, frames, config, rollouts,
-                                         int(round(context * self.frame_rate)), lang, seed, stats)
+            tape, parts = continue_audio(self.model, prompt, frames, config, rollouts, context_frames, lang, seed,
+                                         stats)
         return self.to_codes(tape, parts)
 
     def infill(self, prefix: list[Any], suffix: list[Any], config: GenerateConfig, seconds: float | None = None,
@@ -261,6 +291,9 @@ class Synthesizer:
         """prefix + a generated middle + suffix (segments: the three lengths)."""
         before, after = self.prompt_codes(prefix, None), self.prompt_codes(suffix, None)
         frames = None if seconds is None else max(1, int(round(seconds * self.frame_rate)))
+        if frames is not None:
+            self.check_room(frames, np.concatenate([before, after], axis=1), np.zeros(0, np.int64),
+                            f"in-fill of {seconds:g} s", split=before.shape[1])
         with self.autocast():
             tape, parts = infill(self.model, before, after, config, frames, lang, seed, stats)
         return self.to_codes(tape, parts)

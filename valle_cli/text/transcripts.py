@@ -82,9 +82,16 @@ def _decode(data: bytes, name: str) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise InputError(f"{name}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") \
-            from None
+        raise InputError(f"{_where_not_utf8(data, e, name)}: {_not_utf8(data, e)}") from None
+
+
+def _where_not_utf8(data: bytes, error: UnicodeDecodeError, name: str) -> str:
+    line = data[: error.start].count(b"\n") + 1
+    return f"{name}:{line}"
+
+
+def _not_utf8(data: bytes, error: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text (byte {data[error.start]:#04x} at offset {error.start})"
 
 
 def _read_table(lines: list[str], name: str, delimiter: str | None) -> Transcripts:
@@ -170,7 +177,12 @@ def _read_folder(folder: Path) -> Transcripts:
                       text_without_audio=len(best.keys() - audio))
     for key in sorted(best):
         path = best[key][1]
-        text = " ".join(_decode(path.read_bytes(), str(path)).split())
+        data = path.read_bytes()
+        try:
+            text = " ".join(data.decode("utf-8-sig").split())
+        except UnicodeDecodeError as e:  # one bad file is a bad row, like an empty transcript
+            out.bad.append(BadRow(_where_not_utf8(data, e, str(path)), key, _not_utf8(data, e)))
+            continue
         if text:
             out.rows.append(Row(key, text, str(path)))
         else:

@@ -34,11 +34,12 @@ import json
 import math
 import os
 import queue
+import signal
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -48,7 +49,7 @@ import numpy as np
 
 from valle_cli import checkpoint as ckpt
 from valle_cli.data import tasks
-from valle_cli.errors import InputError, ValleError
+from valle_cli.errors import FormatError, InputError, ValleError
 from valle_cli.formats import CURVES_FILE, LOG_FILE, append_log, truncate_log
 from valle_cli.model.config import ModelConfig, override
 from valle_cli.model.load import load_into
@@ -305,13 +306,18 @@ def find_codec_file(data: Any) -> Path | None:
         return None
 
 
+def check_resumable(out: Path) -> None:
+    """A run folder to resume: its config, and a last checkpoint of a format version this valle reads."""
+    if not (out / RUN_CONFIG).is_file():
+        raise InputError(f"{out}: nothing to resume (no {RUN_CONFIG}); drop --resume to start a run")
+    ckpt.read_meta(ckpt.resolve_checkpoint(out))  # the format version before anything else is read
+
+
 def prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
     """The saved run config when resuming; refuses to mix two runs in one folder."""
     has_run = (out / RUN_CONFIG).is_file() or bool(ckpt.list_checkpoints(out))
     if resume:
-        if not (out / RUN_CONFIG).is_file():
-            raise InputError(f"{out}: nothing to resume (no {RUN_CONFIG}); drop --resume to start a run")
-        return json.loads((out / RUN_CONFIG).read_text())
+        return read_run_config(out)
     if has_run and not overwrite:
         raise InputError(f"{out}: holds a run already (--resume continues it, --overwrite starts again)")
     if has_run:
@@ -324,6 +330,19 @@ def prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> dict[str, An
         for events in out.glob(EVENTS_GLOB):  # the old run's TensorBoard files
             events.unlink()
     return None
+
+
+def read_run_config(out: Path) -> dict[str, Any]:
+    """The run folder's config.json (the configs a resume trains with)."""
+    path = out / RUN_CONFIG
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    missing = [key for key in ("model", "tasks", "train") if not isinstance(saved, dict) or key not in saved]
+    if missing:
+        raise FormatError(f"{path}: not a valle run config (no {', '.join(repr(k) for k in missing)})")
+    return saved
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -405,9 +424,12 @@ def train(shards: str | os.PathLike[str], out: str | os.PathLike[str], model_con
     start_time = time.perf_counter()
     out = Path(out)
     device, dist = setup_device(device)
+    if resume:
+        check_resumable(out)
+    data = open_shards(shards)  # all checks of the data before the run folder is touched
     model_config, task_config, train_config, saved = settle_configs(out, resume, overwrite, dist, model_config,
                                                                     task_config, train_config)
-    run = build_run(shards, out, model_config, task_config, train_config, device, dist,
+    run = build_run(data, out, model_config, task_config, train_config, device, dist,
                     init_from=None if saved else init_from)
     if resume:
         restore(run)
@@ -427,11 +449,14 @@ def train(shards: str | os.PathLike[str], out: str | os.PathLike[str], model_con
     run.train_model.train()
     try:
         while run.step < train_config.max_steps:
-            sampler_state, finite = optimisation_step(run, loader, window)
-            run.step = run.report.steps = run.step + 1
-            if due(run.step, train_config.log_every, train_config.max_steps):
-                log_window(run, window)
-                window = LogWindow()
+            next_sampler_state, finite = forward_backward(run, loader, window)
+            with interrupts_held():  # a Ctrl-C in here waits: the saved state is always that of a whole step
+                step_or_skip(run, finite)
+                sampler_state, run.step = next_sampler_state, run.step + 1
+                run.report.steps = run.step
+                if due(run.step, train_config.log_every, train_config.max_steps):
+                    log_window(run, window)
+                    window = LogWindow()
             if on_step is not None and dist.main:
                 on_step({"step": run.step, "max_steps": train_config.max_steps, "loss": run.report.last_loss,
                          "tokens_per_s": run.report.tokens_per_second, "skipped": not finite})
@@ -523,26 +548,33 @@ def settle_configs(out: Path, resume: bool, overwrite: bool, dist: Distributed, 
 
         torch.distributed.barrier()
         if resume:
-            saved = json.loads((out / RUN_CONFIG).read_text())
+            saved = read_run_config(out)
     if saved is None:
         return model_config, task_config, train_config, False
     return (ModelConfig.from_dict(saved["model"]), tasks.TaskConfig.from_dict(saved["tasks"]),
             replace(TrainConfig.from_dict(saved["train"]), max_steps=train_config.max_steps), True)
 
 
-def build_run(shards: str | os.PathLike[str], out: Path, model_config: ModelConfig, task_config: tasks.TaskConfig,
-              train_config: TrainConfig, device: str, dist: Distributed,
-              init_from: str | os.PathLike[str] | None) -> Run:
-    """Data, sampler, model (from ``init_from``, with LoRA), optimizer and schedule of a fresh run."""
-    import torch
-
+def open_shards(shards: str | os.PathLike[str]) -> Any:
+    """The ShardSet to train on, checked whole: headers, index rows tiling the shards, every value in range."""
     from valle_cli.data.shards import ShardSet
-    from valle_cli.model.valle import count_parameters
 
     data = ShardSet(shards)
-    train_data, val_data = data.select("train"), data.select("val")
-    if len(train_data) == 0:
+    if len(data.select("train")) == 0:
         raise TrainingError(f"{shards}: no training utterances (all of them are in the validation split)")
+    data.check_values()
+    return data
+
+
+def build_run(data: Any, out: Path, model_config: ModelConfig, task_config: tasks.TaskConfig,
+              train_config: TrainConfig, device: str, dist: Distributed,
+              init_from: str | os.PathLike[str] | None) -> Run:
+    """Sampler, model (from ``init_from``, with LoRA), optimizer and schedule of a fresh run on ``data``."""
+    import torch
+
+    from valle_cli.model.valle import count_parameters
+
+    train_data, val_data = data.select("train"), data.select("val")
     model_config = override(model_config, n_codebooks=data.n_codebooks, codebook_size=data.codebook_size,
                             text_vocab_size=data.text_vocab_size)
     sampler = train_sampler(train_data, task_config, train_config, dist)
@@ -551,6 +583,7 @@ def build_run(shards: str | os.PathLike[str], out: Path, model_config: ModelConf
     model = build_model(model_config, train_config, device)
     if init_from is not None:
         source = ckpt.resolve_checkpoint(init_from)
+        ckpt.read_meta(source)  # the format version before the weights
         load_into(model, ckpt.load_weights(source), str(source))
     lora = add_lora(model, train_config) if train_config.lora_rank > 0 else None  # resuming: lora_rank is saved
     optimizer = build_optimizer(model, train_config, device)
@@ -581,19 +614,27 @@ def train_sampler(data: Any, task_config: tasks.TaskConfig, config: TrainConfig,
 
 def restore(run: Run) -> None:
     """Weights, optimizer, schedule, sampler position, torch RNG and counters of the run's last checkpoint."""
+    last = ckpt.resolve_checkpoint(run.out)
+    state, optimizer_tensors = ckpt.load_state(last)  # checks the format version before reading anything else
+    load_into(run.model, ckpt.load_weights(last), str(last))
+    try:
+        restore_train_state(run, state, optimizer_tensors)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise FormatError(f"{last / ckpt.STATE_DIR}: cannot resume from this train state "
+                               f"({type(e).__name__}: {e})") from None
+    if run.dist.main:
+        truncate_log(run.out, run.step)
+
+
+def restore_train_state(run: Run, state: dict[str, Any], optimizer_tensors: dict[str, Any]) -> None:
     import torch
 
-    last = ckpt.resolve_checkpoint(run.out)
-    state, optimizer_tensors = ckpt.load_state(last)
-    load_into(run.model, ckpt.load_weights(last), str(last))
     run.optimizer.load_state_dict(ckpt.optimizer_from_safetensors(optimizer_tensors, state["optimizer"]))
     run.scheduler.load_state_dict(state["scheduler"])
     rank = run.dist.rank
     run.sampler.load_state_dict(state["sampler"][rank] if rank < len(state["sampler"]) else {})
     torch.set_rng_state(torch.tensor(state["torch_rng"][rank], dtype=torch.uint8))
     run.step, run.best, run.nan_streak = int(state["step"]), state.get("best_val_loss"), int(state.get("nan_streak", 0))
-    if run.dist.main:
-        truncate_log(run.out, run.step)
 
 
 def write_run_config(run: Run) -> None:
@@ -637,10 +678,10 @@ def batch_stream(run: Run, step: int) -> Iterator[tuple[int, int, tasks.Sequence
 # ----------------------------------------------------------------------------- one step
 
 
-def optimisation_step(run: Run, loader: Prefetcher, window: LogWindow) -> tuple[dict[str, Any], bool]:
-    """``grad_accum`` micro-batches forward and backward, clipping, then the optimizer step, or a skip
-    when the loss or the gradients are not finite. Returns the sampler state after the step's batches
-    and whether the step was taken. One host sync: the finite flag."""
+def forward_backward(run: Run, loader: Prefetcher, window: LogWindow) -> tuple[dict[str, Any], bool]:
+    """``grad_accum`` micro-batches forward and backward, then clipping. Returns the sampler state after
+    the step's batches and whether the loss and the gradients are finite (the one host sync of a step).
+    Nothing that a checkpoint holds changes here: ``step_or_skip`` does that."""
     import torch
 
     from valle_cli.model.valle import Batch
@@ -660,10 +701,33 @@ def optimisation_step(run: Run, loader: Prefetcher, window: LogWindow) -> tuple[
     grad_norm = (torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.clip)
                  if config.clip > 0 else _grad_norm(run.model))
     finite = all_finite(loss, grad_norm, run.dist)
-    step_or_skip(run, finite)
     window.losses.append(loss)
     window.grad_norm = grad_norm
     return sampler_state, finite
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block is done, then hand it to the handler it was meant for.
+
+    The optimizer step, the schedule, the step counter and the sampler position move together in the
+    block, so the checkpoint that Ctrl-C writes is the state of one whole step and ``--resume``
+    continues exactly. The handler in place (Python's default raises KeyboardInterrupt) runs after
+    the block; a no-op outside the main thread (which never gets signals) and where SIGINT is not
+    handled in Python (ignored, or the OS default).
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield
+        return
+    received: list[tuple[int, Any]] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        previous(*received[0])
 
 
 def gradient_sync(run: Run, micro: int) -> AbstractContextManager[Any]:
