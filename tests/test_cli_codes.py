@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import run_valle
+from conftest import one_error_line, run_valle
 
 from valle_cli import formats
 
@@ -136,3 +136,20 @@ def test_pretrained_codec_offline_is_one_line_pointing_to_builtin(espeak_corpus,
     assert not (tmp_path / "codes").exists()
     res = run_valle("quantize", espeak_corpus, "-o", tmp_path / "codes", "--codec", "dac:8khz")
     assert res.returncode == 1 and b"44khz" in res.stderr
+
+
+def test_fit_codec_at_a_lower_frame_rate(espeak_corpus, tmp_path):
+    """--frame-rate 37.5: a hop of 640 samples, half the frames of the default for the same audio."""
+    codec = tmp_path / "codec.safetensors"
+    assert run_valle("quantize", "--fit-codec", espeak_corpus / "spk00", "-o", codec, *TINY,
+                     "--frame-rate", "37.5").returncode == 0
+    wav = sorted((espeak_corpus / "spk00").glob("*.wav"))[0]
+    res = run_valle("quantize", wav, "-o", "-", "--codec", codec)
+    item = formats.codes_from_bytes(res.stdout)
+    assert item.frame_rate == 37.5
+    assert item.codes.shape[1] == -(-round(sf.info(wav).duration * 24000) // 640)
+    res = run_valle("decode", "-", "-o", tmp_path / "back.wav", input=res.stdout)
+    assert res.returncode == 0 and abs(sf.info(tmp_path / "back.wav").duration - item.seconds) < 0.03
+    line = one_error_line(run_valle("quantize", "--fit-codec", espeak_corpus / "spk00", "-o", tmp_path / "c2",
+                                    *TINY, "--frame-rate", "33"))
+    assert "--frame-rate 33: the built-in codec needs 24000 / frame rate to be a whole number" in line

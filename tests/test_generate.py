@@ -307,18 +307,21 @@ def test_sample_help_lists_every_sampling_param_with_its_default_in_each_pass(ca
 
 
 def test_every_sampler_flag_sets_every_pass_or_only_the_prefixed_one():
-    from valle_cli.cli.sample import generate_config
+    from valle_cli.cli.sample import flag_settings
+    from valle_cli.generation.params import with_settings
 
     defaults = GenerateConfig()
     for field in fields(SamplingParams):
         flag, value = field.name.replace("_", "-"), type(field.default)("3")
-        everywhere = generate_config([f"--{flag}", "3"], "auto", 25)
+        everywhere = with_settings(defaults, flag_settings([f"--{flag}", "3"]))
         assert all(getattr(getattr(everywhere, p), field.name) == value for p in PASSES), field.name
         for chosen in PASSES:
-            one = generate_config([f"--{chosen}-{flag}=3"], "auto", 25)
+            one = with_settings(defaults, flag_settings([f"--{chosen}-{flag}=3"]))
             for p in PASSES:
                 expected = value if p == chosen else getattr(getattr(defaults, p), field.name)
                 assert getattr(getattr(one, p), field.name) == expected, (chosen, field.name)
+        both = with_settings(defaults, flag_settings([f"--ar-{flag}=2", f"--{flag}", "3"]))  # the pass's own wins
+        assert getattr(both.ar, field.name) == type(field.default)("2") and getattr(both.nar, field.name) == value
 
 
 @pytest.mark.parametrize(("typo", "meant"), [("--ar-temprature", "--ar-temperature"), ("--top-kk", "--top-k"),

@@ -383,6 +383,33 @@ def read_sample_manifest(path: str | os.PathLike[str]) -> list[tuple[str, str, l
     return rows
 
 
+SAMPLES_INFO_NAME = "samples.json"  # beside the npz files of valle sample --manifest
+SAMPLES_INFO_FORMAT_VERSION = 1
+
+
+def write_samples_info(folder: str | os.PathLike[str], checkpoint: str, step: int, max_seconds: float,
+                       params: dict[str, Any]) -> None:
+    """``<folder>/samples.json``: what made the samples of a manifest folder (checkpoint, step, settings)."""
+    info = {"kind": "valle-samples", "format_version": SAMPLES_INFO_FORMAT_VERSION, "checkpoint": checkpoint,
+            "step": int(step), "max_seconds": float(max_seconds), "params": params}
+    atomic_write_bytes(Path(folder) / SAMPLES_INFO_NAME, (json.dumps(info, indent=2) + "\n").encode())
+
+
+def read_samples_info(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The samples.json of a manifest folder, or None where there is none (older folders, wav folders)."""
+    path = Path(folder) / SAMPLES_INFO_NAME
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(info, dict) or info.get("kind") != "valle-samples":
+        raise FormatError(f"{path}: not a valle samples.json")
+    _check_version(str(path), "samples.json", info, SAMPLES_INFO_FORMAT_VERSION)
+    return info
+
+
 # ----------------------------------------------------------------------------- training shards (.bin + index)
 # A shard is a fixed header then a flat little-endian uint16 body that np.memmap maps directly.
 # Each record is one utterance: its text tokens (L,) followed by its codes (K, T) row-major, so

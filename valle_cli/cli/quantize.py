@@ -47,6 +47,8 @@ def command(
     fit_seconds: Annotated[float, typer.Option(help="Audio sampled for fitting (seconds).")] = 1200.0,
     codebooks: Annotated[int, typer.Option(help="Built-in codec: residual codebooks.")] = 8,
     codebook_size: Annotated[int, typer.Option(help="Built-in codec: entries per codebook.")] = 1024,
+    frame_rate: Annotated[float, typer.Option(help="Built-in codec: code frames per second (24000 / a whole "
+                                              "hop: 75, 50, 37.5, 25, ...).")] = 75.0,
     batch_seconds: Annotated[float | None, typer.Option(
         help="Padded audio seconds per encoder batch [default: 120 on a GPU, 20 on CPU].", show_default=False,
     )] = None,
@@ -72,7 +74,8 @@ def command(
     refuse_output_over_input(out, [input, codec if codec and Path(codec).exists() else None])
     seed_everything(seed)
     dev = resolve_device(device)
-    fit = lib.FitOptions(seconds=fit_seconds, n_codebooks=codebooks, codebook_size=codebook_size, seed=seed)
+    fit = lib.FitOptions(seconds=fit_seconds, n_codebooks=codebooks, codebook_size=codebook_size,
+                         frame_rate=frame_rate, seed=seed)
     if fit_codec:
         if str(out) == "-":
             raise InputError("--fit-codec writes a codec file: name it with -o codec.safetensors")

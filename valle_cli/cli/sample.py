@@ -21,7 +21,14 @@ from valle_cli.cli.options import (
     progress,
     skip_existing,
 )
-from valle_cli.generation.params import PASSES, GenerateConfig, SamplingParams  # no torch: the help lists them
+from valle_cli.generation.params import (  # no torch: the help lists them
+    DEFAULT_MAX_SECONDS,
+    PASSES,
+    GenerateConfig,
+    SamplingParams,
+    sampler_field,
+    with_settings,
+)
 
 HELP = """Example: valle sample run/ --text "Hello there." --prompt ref.wav -o - | valle decode - -o out.wav
 
@@ -35,6 +42,10 @@ Without text (a model trained with --task continuation): --continue-seconds S co
 prompt audio by S seconds (--rollouts N times, each from the tape's last --context-seconds;
 --chunks chunks.parquet starts from the prompt's highest-priority chunk instead), and
 --infill-suffix B generates the middle between the --prompt and B; the npz holds the whole tape.
+
+Defaults come from the checkpoint: the settings its run's TOML [sample] table saved (mode, steps,
+max_seconds, sampler params); a flag given here wins. The --manifest folder gets samples.json
+(checkpoint, step, the settings used).
 
 --mode ar+nar: level 0 autoregressively (KV cache; until the stop token or --max-seconds), then
 one NAR pass per further level. --mode nar-len: the duration from the len head (--duration to
@@ -69,11 +80,11 @@ def sampler_flags_help() -> str:
             "sets one pass (example: --ar-temperature 0.8 --top-k 50).\n\n\b\n" + "\n".join(rows))
 
 
-def generate_config(args: list[str], mode: str, steps: int) -> GenerateConfig:
-    """GenerateConfig from the sampler flags (``--temperature 0.7``, ``--ar-top-k 50``, ...) in ``args``."""
-    types = {sampler_flag(f): (f.name, type(f.default)) for f in fields(SamplingParams)}
-    everywhere: dict[str, Any] = {}
-    per_pass: dict[str, dict[str, Any]] = {p: {} for p in PASSES}
+def flag_settings(args: list[str]) -> dict[str, Any]:
+    """The sampler flags in ``args`` (``--temperature 0.7``, ``--ar-top-k=50``, ...) as checked settings
+    by canonical name (``{"temperature": 0.7, "ar_top_k": 50}``); a misspelled flag is a usage error."""
+    types = {f.name: type(f.default) for f in fields(SamplingParams)}
+    settings: dict[str, Any] = {}
     i = 0
     while i < len(args):
         flag = args[i]
@@ -85,21 +96,24 @@ def generate_config(args: list[str], mode: str, steps: int) -> GenerateConfig:
                 raise typer.BadParameter(f"{flag} needs a value")
             value, i = args[i + 1], i + 1
         i += 1
-        target = everywhere
-        for p in PASSES:
-            if name.startswith(p + "-") and name[len(p) + 1:] in types:
-                target, name = per_pass[p], name[len(p) + 1:]
-                break
-        if name not in types:
+        field_of = sampler_field(name)
+        if field_of is None:
             prefixes = ("", *(f"{p}-" for p in PASSES))
-            raise no_such_option(f"--{name}", also=[f"--{prefix}{n}" for prefix in prefixes for n in types])
-        field, kind = types[name]
+            flags = [sampler_flag(f) for f in fields(SamplingParams)]
+            raise no_such_option(f"--{name}", also=[f"--{prefix}{n}" for prefix in prefixes for n in flags])
+        kind = types[field_of[1]]
         try:
-            target[field] = kind(value)
+            settings[name.replace("-", "_")] = kind(value)
         except ValueError:
             raise typer.BadParameter(f"--{name} {value!r}: expected a {kind.__name__}") from None
-    config = GenerateConfig(mode=mode, steps=steps)
-    return replace(config, **{p: replace(getattr(config, p), **{**everywhere, **per_pass[p]}) for p in PASSES})
+    return settings
+
+
+def generation_settings(checkpoint_defaults: dict[str, Any], flags: dict[str, Any]) -> tuple[GenerateConfig, float]:
+    """The GenerateConfig and --max-seconds of a run: built-in defaults < the checkpoint's saved settings
+    (its recipe's [sample] table) < the flags given."""
+    settings = {**checkpoint_defaults, **flags}
+    return with_settings(GenerateConfig(), settings), float(settings.get("max_seconds", DEFAULT_MAX_SECONDS))
 
 
 # ----------------------------------------------------------------------------- the verb
@@ -120,10 +134,14 @@ def command(
     prompt: Annotated[list[Path] | None, typer.Option("--prompt", allow_dash=True,
                                                       help="Voice prompt: audio or codes .npz (repeatable).")] = None,
     manifest: Annotated[Path | None, typer.Option(help="Batch mode: id|text|prompt rows.")] = None,
-    mode: Annotated[Mode, typer.Option(help="Decoding strategy.")] = Mode.auto,
-    max_seconds: Annotated[float, typer.Option(help="AR: stop after this much audio.")] = 30.0,
+    mode: Annotated[Mode | None, typer.Option(help="Decoding strategy [default: the checkpoint's, else auto].",
+                                              show_default=False)] = None,
+    max_seconds: Annotated[float | None, typer.Option(
+        min=0.01, help=f"AR: stop after this much audio [default: the checkpoint's, else {DEFAULT_MAX_SECONDS:g}].",
+        show_default=False)] = None,
     duration: Annotated[float | None, typer.Option(help="NAR-len: seconds to generate (default: predicted).")] = None,
-    steps: Annotated[int, typer.Option(min=1, help="NAR-len demasking rounds.")] = 25,
+    steps: Annotated[int | None, typer.Option(min=1, help="NAR-len demasking rounds [default: the checkpoint's, "
+                                              "else 25].", show_default=False)] = None,
     prompt_seconds: Annotated[float | None, typer.Option(help="Crop the prompt to this many seconds "
                                                          "(default: the longest training prompt).")] = None,
     context_history: Annotated[int, typer.Option(min=0, help="Long-form: earlier sentences in the prompt.")] = 1,
@@ -153,7 +171,9 @@ def command(
     from valle_cli.generation.generate import GenerateStats
     from valle_cli.generation.synthesizer import Synthesizer
 
-    config = replace(generate_config(ctx.args, mode.value, steps), compile=compile_)
+    flags = flag_settings(ctx.args)
+    given = {"mode": mode.value if mode else None, "steps": steps, "max_seconds": max_seconds}
+    flags.update({k: v for k, v in given.items() if v is not None})
     check_inputs(out, text, prompt, manifest, continue_seconds, infill_suffix)
     refuse_output_over_input(out, [checkpoint, *(prompt or ()), *(infill_suffix or ()), chunks, manifest])
     if manifest is not None:
@@ -161,7 +181,8 @@ def command(
     if manifest is None and skip_existing(out, overwrite):
         return
     synth = Synthesizer.load(checkpoint, resolve_device(device), which="best" if best else "last")
-    config = replace(config, max_frames=max(1, int(round(max_seconds * synth.frame_rate))))
+    config, max_seconds = generation_settings(synth.sampling_defaults(), flags)
+    config = replace(config, compile=compile_, max_frames=max(1, int(round(max_seconds * synth.frame_rate))))
     Log.detail(f"checkpoint {synth.folder} (step {synth.meta['step']}, {synth.meta['model']['arch']}, "
                f"{synth.meta['codec'].get('name')})")
     stats = GenerateStats()

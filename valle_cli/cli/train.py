@@ -14,7 +14,7 @@ import typer
 from valle_cli.cli.options import Device, Log, Overwrite, Quiet, Verbose, progress, progress_shown
 from valle_cli.errors import InputError
 from valle_cli.model.config import ModelConfig
-from valle_cli.training.config import DEFAULT_PRESET, TrainConfig, resolve_config
+from valle_cli.training.config import DEFAULT_PRESET, TrainConfig, read_sampling, resolve_config
 
 HELP = """Example: valle train shards/ -o run/ --arch llama --preset small --max-steps 20000
 
@@ -25,7 +25,8 @@ optional QK-norm / NoPE / chunked attention / MoE), llama or mixtral (Hugging Fa
 config: no download; mixtral routes to the top 2 of 4 experts at --preset tiny, of 8 above, unless
 --set moe_experts / moe_top_k say otherwise). --preset tiny|small|base|full sets the size;
 --config run.toml ([model], [tasks], [train] tables) and --set field=value override single
-fields; flags win over both.
+fields; flags win over both. A [sample] table (mode = "ar+nar", ar_temperature = 0.8, ...: the
+names of valle sample's flags) is saved with every checkpoint as valle sample's defaults.
 
 The run folder gets config.json (the resolved config), log.jsonl, curves.png, TensorBoard events
 (tensorboard --logdir run/: the logged scalars, and an audio sample at every evaluation) and
@@ -161,9 +162,10 @@ def command(
     )
     from valle_cli.training.loop import train
 
+    sampling = read_sampling(config)
     with step_display(train_cfg.max_steps, train_cfg.log_every) as on_step:
         report = train(shards, out, model_cfg, task_cfg, train_cfg, device=device, resume=resume,
-                       overwrite=overwrite, init_from=init_from, on_step=on_step)
+                       overwrite=overwrite, init_from=init_from, on_step=on_step, sampling=sampling)
     log_report(report, out)
 
 

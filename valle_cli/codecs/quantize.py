@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -107,7 +108,20 @@ class FitOptions:
     seconds: float = 1200.0  # audio sampled for fitting
     n_codebooks: int = 8
     codebook_size: int = 1024
+    frame_rate: float = 75.0  # code frames per second; fewer frames = shorter sequences for the model
     seed: int = 0
+
+    def codec_config(self) -> Any:
+        """The BuiltinCodecConfig these options fit: hop = sample_rate / frame_rate, window 4 x hop."""
+        from valle_cli.codecs.builtin import BuiltinCodecConfig
+
+        rate = BuiltinCodecConfig.sample_rate
+        hop = rate / self.frame_rate
+        if self.frame_rate <= 0 or abs(hop - round(hop)) > 1e-6 or round(hop) < 16:
+            raise InputError(f"--frame-rate {self.frame_rate:g}: the built-in codec needs {rate} / frame rate to be a "
+                             f"whole number of samples (>= 16), e.g. 75, 50, 37.5, 25")
+        return BuiltinCodecConfig(hop_length=round(hop), n_fft=4 * round(hop), n_codebooks=self.n_codebooks,
+                                  codebook_size=self.codebook_size)
 
 
 def fit_codec_file(input_path: Path, out: Path, options: FitOptions, device: str,
@@ -115,15 +129,15 @@ def fit_codec_file(input_path: Path, out: Path, options: FitOptions, device: str
                    detail: Callable[[str], None] | None = None) -> None:
     """Fit the built-in codec on a seeded sample of ``input_path`` and save it to ``out``; ``say`` hears of the
     start and the end, ``detail`` of every codebook."""
-    from valle_cli.codecs.builtin import BuiltinCodec, BuiltinCodecConfig
+    from valle_cli.codecs.builtin import BuiltinCodec
 
-    config = BuiltinCodecConfig(n_codebooks=options.n_codebooks, codebook_size=options.codebook_size)
+    config = options.codec_config()
     out.parent.mkdir(parents=True, exist_ok=True)  # an unwritable output fails now, not after the fit
     start = time.perf_counter()
     wavs = sample_for_fit(input_path, config.sample_rate, options.seconds, options.seed)
     seconds = sum(len(w) for w in wavs) / config.sample_rate
-    say(f"fitting the built-in codec ({options.n_codebooks} x {options.codebook_size}) on {seconds:.0f} s "
-        "of audio ...")
+    say(f"fitting the built-in codec ({options.n_codebooks} x {options.codebook_size}, {options.frame_rate:g} "
+        f"frames/s) on {seconds:.0f} s of audio ...")
     codec = BuiltinCodec.fit(wavs, config, seed=options.seed, device=device, progress=detail)
     codec.save(out)
     say(f"fitted in {time.perf_counter() - start:.1f} s -> {out}")

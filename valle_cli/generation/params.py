@@ -7,7 +7,8 @@ without loading a model library.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 MODES = ("ar+nar", "nar-len", "auto")
@@ -49,3 +50,72 @@ class GenerateConfig:
     # False: recompute the whole sequence every AR step, as e-c-k-e-r/vall-e does (the benchmarks compare)
     use_cache: bool = True
     compile: bool = False  # torch.compile the one-frame AR step (native transformer backbone only)
+
+
+# ----------------------------------------------------------------------------- settings by name
+# What a recipe (a run's TOML [sample] table, saved with every checkpoint) or the command line says
+# about generation, by name: "mode", "steps", "duration_padding", "max_seconds", and every
+# SamplingParams field for every pass ("temperature") or one ("ar_temperature"). Hyphens and
+# underscores are the same ("ar-top-k" = "ar_top_k").
+
+RUN_SETTINGS: dict[str, type] = {"mode": str, "steps": int, "duration_padding": float, "max_seconds": float}
+DEFAULT_MAX_SECONDS = 30.0  # AR: stop after this much audio unless a setting says otherwise
+
+
+def sampler_field(name: str) -> tuple[str | None, str] | None:
+    """``"ar_top_k"`` -> ("ar", "top_k"), ``"top_k"`` -> (None, "top_k"); None for a name that is not a field."""
+    known = {f.name for f in fields(SamplingParams)}
+    name = name.replace("-", "_")
+    if name in known:
+        return None, name
+    for p in PASSES:
+        if name.startswith(p + "_") and name[len(p) + 1:] in known:
+            return p, name[len(p) + 1:]
+    return None
+
+
+def setting_names() -> list[str]:
+    """Every name a setting may have, as the command line spells it (``ar-top-k``)."""
+    sampler = [f.name for f in fields(SamplingParams)]
+    names = [*RUN_SETTINGS, *sampler, *(f"{p}_{n}" for p in PASSES for n in sampler)]
+    return [n.replace("_", "-") for n in names]
+
+
+def check_settings(values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Generation settings by name, typed as their fields (``"0.8"`` -> 0.8) under canonical names
+    (``ar_temperature``); an unknown name or a bad value raises InputError naming ``where``."""
+    from valle_cli.errors import InputError
+
+    types = {f.name: type(f.default) for f in fields(SamplingParams)}
+    checked: dict[str, Any] = {}
+    for raw_name, value in values.items():
+        name = str(raw_name).replace("-", "_")
+        field_of = sampler_field(name)
+        kind = RUN_SETTINGS.get(name) or (types[field_of[1]] if field_of else None)
+        if kind is None:
+            raise InputError(f"{where}: unknown generation setting {raw_name!r}")
+        try:
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            checked[name] = kind(value)
+        except (TypeError, ValueError):
+            raise InputError(f"{where}: {raw_name} = {value!r} is not a {kind.__name__}") from None
+    if "mode" in checked and checked["mode"] not in MODES:
+        raise InputError(f"{where}: mode {checked['mode']!r}: expected one of {', '.join(MODES)}")
+    if checked.get("steps", 1) < 1 or checked.get("max_seconds", 1.0) <= 0:
+        raise InputError(f"{where}: steps must be >= 1 and max_seconds > 0")
+    return checked
+
+
+def with_settings(config: GenerateConfig, settings: Mapping[str, Any]) -> GenerateConfig:
+    """``config`` with checked ``settings`` applied: a setting for every pass first, then the per-pass
+    ones (``temperature`` then ``ar_temperature``). ``max_seconds`` needs the frame rate: not here."""
+    run = {k: v for k, v in settings.items() if k in RUN_SETTINGS and k != "max_seconds"}
+    everywhere: dict[str, Any] = {}
+    per_pass: dict[str, dict[str, Any]] = {p: {} for p in PASSES}
+    for name, value in settings.items():
+        field_of = sampler_field(name)
+        if field_of is not None:
+            (per_pass[field_of[0]] if field_of[0] else everywhere)[field_of[1]] = value
+    config = replace(config, **run)
+    return replace(config, **{p: replace(getattr(config, p), **{**everywhere, **per_pass[p]}) for p in PASSES})

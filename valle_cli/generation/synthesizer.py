@@ -19,7 +19,7 @@ import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from valle_cli.generation.generate import (
     synthesize,
     synthesize_long,
 )
+from valle_cli.generation.params import check_settings
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+(?=\S)")
 
@@ -157,6 +158,11 @@ class Synthesizer:
                              f"of {self.model.config.max_positions} positions (room for "
                              f"{max(room, 0) / self.frame_rate:.2f} s after this text and prompt)")
 
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The generation settings saved with the checkpoint (its run's TOML [sample] table): what
+        ``valle sample`` uses where no flag says otherwise."""
+        return check_settings(self.meta.get("sampling") or {}, f"{self.folder / 'config.json'}: sampling")
+
     def default_prompt_seconds(self) -> float:
         return float(self.meta.get("tasks", {}).get("prompt_seconds", [3.0, 6.0])[1])
 
@@ -213,6 +219,9 @@ class Synthesizer:
         rows = formats.read_sample_manifest(manifest)
         check_output_ids(manifest, [uid for uid, _, _ in rows])
         out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        formats.write_samples_info(out, str(self.folder), int(self.meta.get("step", 0)),
+                                   config.max_frames / self.frame_rate, asdict(config))
         todo = [row for row in rows if overwrite or not (out / f"{row[0]}.npz").exists()]
         report = ManifestReport(rows=len(rows), skipped=len(rows) - len(todo))
         advance = on_progress or (lambda n: None)

@@ -5,6 +5,8 @@
 Layers, each overriding the one before: the model preset < a TOML file ([model], [tasks], [train]
 tables; ``[model] preset = "base"`` picks another preset) < ``--set field=value`` < command-line
 flags. An MoE backbone chosen without expert counts gets the preset's (``model.config.MOE_PRESETS``).
+The file's [sample] table is not a config of training: the generation settings saved with every
+checkpoint (``read_sampling``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from valle_cli.common import config_from_dict, config_to_dict
 from valle_cli.errors import InputError
 
 TABLES = ("model", "tasks", "train")
+SAMPLE_TABLE = "sample"  # generation settings saved with every checkpoint: valle sample's defaults
 DEFAULT_PRESET = "small"
 
 
@@ -114,8 +117,10 @@ def read_config_file(path: Path, layers: dict[str, dict[str, Any]]) -> str | Non
 
     preset = None
     for table, values in read_toml(path).items():
+        if table == SAMPLE_TABLE:
+            continue  # read_sampling: generation settings, not a config of training
         if table not in layers or not isinstance(values, dict):
-            raise InputError(f"{path}: unknown table [{table}] (expected [model], [tasks], [train])")
+            raise InputError(f"{path}: unknown table [{table}] (expected [model], [tasks], [train], [sample])")
         if table == "model" and "preset" in values:
             values = dict(values)
             preset = str(values.pop("preset"))
@@ -123,6 +128,20 @@ def read_config_file(path: Path, layers: dict[str, dict[str, Any]]) -> str | Non
                 raise InputError(f"{path}: [model] preset {preset!r}: expected one of {', '.join(PRESETS)}")
         layers[table].update(values)
     return preset
+
+
+def read_sampling(path: Path | None) -> dict[str, Any]:
+    """The [sample] table of a run's TOML file, checked (``valle_cli.generation.params.check_settings``):
+    the generation settings the recipe found best (``mode = "ar+nar"``, ``ar_temperature = 0.8``, ...),
+    saved in the run config and every checkpoint, so that a plain ``valle sample`` uses them."""
+    from valle_cli.generation.params import check_settings
+
+    if path is None:
+        return {}
+    table = read_toml(path).get(SAMPLE_TABLE, {})
+    if not isinstance(table, dict):
+        raise InputError(f"{path}: [{SAMPLE_TABLE}] must be a table of settings")
+    return check_settings(table, f"{path} [{SAMPLE_TABLE}]")
 
 
 def parse_setting(item: str, owners: dict[str, Any]) -> tuple[str, str, Any]:

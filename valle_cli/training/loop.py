@@ -287,12 +287,12 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 
 def run_meta(model_config: ModelConfig, task_config: tasks.TaskConfig, train_config: TrainConfig, data: Any,
-             lora: dict[str, Any] | None) -> dict[str, Any]:
+             lora: dict[str, Any] | None, sampling: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": model_config.to_dict(), "tasks": task_config.to_dict(), "train": train_config.to_dict(),
         "codec": data.codec, "tokenizer": data.tokenizer_meta, "text_settings": data.text_settings,
         "frame_rate": data.frame_rate, "sample_rate": data.meta.get("sample_rate"),
-        "shards": str(data.folder), "lora": lora,
+        "shards": str(data.folder), "lora": lora, "sampling": sampling,
     }
 
 
@@ -414,11 +414,13 @@ def train(shards: str | os.PathLike[str], out: str | os.PathLike[str], model_con
           task_config: tasks.TaskConfig = tasks.TaskConfig(), train_config: TrainConfig = TrainConfig(),
           device: str = "auto", resume: bool = False, overwrite: bool = False,
           init_from: str | os.PathLike[str] | None = None,
-          on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainReport:
+          on_step: Callable[[dict[str, Any]], None] | None = None,
+          sampling: dict[str, Any] | None = None) -> TrainReport:
     """Train a CodecLM on a ``valle shard`` folder; checkpoints and logs go to the run folder ``out``.
 
     ``on_step`` receives a small dict after every optimizer step (step, loss of the last logged
-    step, tokens/s, whether the step was skipped) for progress display. With ``resume`` the saved
+    step, tokens/s, whether the step was skipped) for progress display. ``sampling``: generation
+    settings saved with every checkpoint (``training.config.read_sampling``). With ``resume`` the saved
     run config wins over the arguments, except ``train_config.max_steps`` (a run can be extended).
     """
     start_time = time.perf_counter()
@@ -429,8 +431,10 @@ def train(shards: str | os.PathLike[str], out: str | os.PathLike[str], model_con
     data = open_shards(shards)  # all checks of the data before the run folder is touched
     model_config, task_config, train_config, saved = settle_configs(out, resume, overwrite, dist, model_config,
                                                                     task_config, train_config)
+    if saved:
+        sampling = read_run_config(out).get("sampling")
     run = build_run(data, out, model_config, task_config, train_config, device, dist,
-                    init_from=None if saved else init_from)
+                    init_from=None if saved else init_from, sampling=dict(sampling or {}))
     if resume:
         restore(run)
     elif dist.main:
@@ -568,7 +572,7 @@ def open_shards(shards: str | os.PathLike[str]) -> Any:
 
 def build_run(data: Any, out: Path, model_config: ModelConfig, task_config: tasks.TaskConfig,
               train_config: TrainConfig, device: str, dist: Distributed,
-              init_from: str | os.PathLike[str] | None) -> Run:
+              init_from: str | os.PathLike[str] | None, sampling: dict[str, Any]) -> Run:
     """Sampler, model (from ``init_from``, with LoRA), optimizer and schedule of a fresh run on ``data``."""
     import torch
 
@@ -591,7 +595,7 @@ def build_run(data: Any, out: Path, model_config: ModelConfig, task_config: task
     return Run(out=out, dist=dist, device=device, model_config=model_config, task_config=task_config,
                config=train_config, train_data=train_data, val_data=val_data, sampler=sampler, model=model,
                optimizer=optimizer, scheduler=scheduler, lora=lora, codec_file=find_codec_file(data),
-               meta=run_meta(model_config, task_config, train_config, data, lora),
+               meta=run_meta(model_config, task_config, train_config, data, lora, sampling),
                report=TrainReport(out=out, parameters=count_parameters(model)),
                dtype=autocast_dtype(train_config.precision, device))
 
