@@ -19,7 +19,7 @@ ACTIVATE_HINT = valle is installed in $(VENV)/: '. $(BIN)/activate' puts it on P
 ACTIVATE := @echo $(call q,$(ACTIVATE_HINT)) >&2
 PIPELINE_TOOLS := VALLE=$(call q,$(call q,$(ABS_BIN)/valle)) PYTHON=$(call q,$(call q,$(ABS_BIN)/python)) WORK=$(call q,$(CURDIR)/work)
 
-.PHONY: demo quality test lint install clean-demo
+.PHONY: demo speak quality test lint install clean-demo
 
 # valle evaluate needs pocketsphinx (it ships an English model) and jiwer.
 # resemblyzer (the GE2E speaker encoder of valle similarity) ships its weights; its webrtcvad
@@ -37,6 +37,11 @@ install: $(call t,$(VENV))/.installed
 
 demo: $(call t,$(VENV))/.installed
 	$(MAKE) -C pipelines demo $(PIPELINE_TOOLS)
+	$(ACTIVATE)
+
+# The recipe that speaks, about 90 minutes on 2 CPU cores: ./work/speak/report/index.html
+speak: $(call t,$(VENV))/.installed
+	$(MAKE) -C pipelines speak $(PIPELINE_TOOLS)
 	$(ACTIVATE)
 
 # The same pipeline at scale on a GPU (base preset, 40 voices x 100 utterances): ./work/quality/

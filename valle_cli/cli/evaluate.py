@@ -17,26 +17,33 @@ Score what valle sample --manifest rows.csv -o samples/ generated against what w
 Each id|text|prompt row of the manifest is matched with samples/<id>.npz (decoded with the codec it
 records) or samples/<id>.wav; ids without an output are listed, not fatal. Per item: WER and CER of
 an offline recogniser (pocketsphinx, with a closed-vocabulary language model made of all the
-manifest texts: --lm unigram, the default, or bigram) on normalised text, and the speaker similarity
+manifest texts: --lm bigram, the default, or unigram) on normalised text, and the speaker similarity
 of the output to its prompt (--similarity-encoder ge2e, mfcc, or codes with --checkpoint).
 
 --references refs/ scores ground-truth audio for the same ids (refs/<id>.wav or .npz) the same way,
-and --codec-references also its resynthesis through the outputs' codec (quantize + decode), so
-every figure sits next to its ceiling; the summary gives the ratios output / reference of the mean
-WER and SIM.
+and --codec-references also its resynthesis through the outputs' codec (quantize + decode): the
+ceiling. On the same items, the floors: the ceiling's hypotheses scored against another item's text
+(wrong-sentence WER) and the references against another voice's prompt (different-voice SIM). The
+summary gives the ratios output / ceiling, the share of the floor-to-ceiling range the outputs
+recover, the goals met or not, and the judge's separation check (ceiling WER at most half the
+wrong-sentence WER). Durations: each output beside its reference, early stops (< 0.75x) and outputs
+at the length cap of samples/samples.json flagged.
 
--o report/ gets scores.csv (one row per item), summary.json (means, ratios, the LM and encoder
-used, counts, missing ids and failures) and index.html with audio players, spectrograms, scores and,
-with --run run/, the training curves. --held-out-from shards/ also reports the voices the model
-never trained on apart from the others (an item's voice is the folder of its prompt file).
-An existing report is kept unless --overwrite.
+-o report/ gets scores.csv (one row per item), summary.json (every figure, the settings, counts,
+missing ids and failures) and index.html, which explains each figure, with audio players and
+spectrograms. --run run/ adds the training curves and the minutes of training at the samples'
+step. --voices-from shards/ reports seen voices (in the training split) and unseen ones (any
+other voice, eval-only voices too) apart; an item's voice is the folder of its prompt file.
+--curve DIR (repeatable) adds a learning curve (a table and img/curve.png of WER, SIM, shares and
+durations against the step and minutes): DIR is an earlier report folder, or a folder whose
+subfolders are report folders. An existing report is kept unless --overwrite.
 Needs pip install pocketsphinx jiwer (and resemblyzer webrtcvad-wheels for ge2e).
 """
 
 
 class LanguageModel(str, Enum):
-    unigram = "unigram"
     bigram = "bigram"
+    unigram = "unigram"
 
 
 class EncoderName(str, Enum):
@@ -58,13 +65,16 @@ def command(
     codec_references: Annotated[bool, typer.Option(
         "--codec-references", help="Also score the references resynthesised by the outputs' codec.")] = False,
     lm: Annotated[LanguageModel, typer.Option("--lm", help="Closed-vocabulary LM of the recogniser.")] = (
-        LanguageModel.unigram),
+        LanguageModel.bigram),
     encoder: Annotated[EncoderName, typer.Option("--similarity-encoder", "-e", help="Speaker embedding.")] = (
         EncoderName.ge2e),
     checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint or run folder (-e codes).")] = None,
-    run: Annotated[Path | None, typer.Option("--run", help="Training run folder: its curves go in the page.")] = None,
-    held_out_from: Annotated[Path | None, typer.Option(help="Shards folder: report its held-out voices (val "
-                                                       "speakers with no training utterance) apart.")] = None,
+    run: Annotated[Path | None, typer.Option("--run", help="Training run folder: its curves and minutes of "
+                                             "training go in the page.")] = None,
+    voices_from: Annotated[Path | None, typer.Option("--voices-from", "--held-out-from", help="Shards folder: report "
+                                                     "seen voices (training split) and unseen ones apart.")] = None,
+    curve: Annotated[list[Path] | None, typer.Option("--curve", help="Earlier report folder, or a folder of them: "
+                                                     "a learning curve (repeatable).")] = None,
     overwrite: Overwrite = False,
     device: Device = "auto",
     quiet: Quiet = False,
@@ -82,7 +92,7 @@ def command(
         raise typer.BadParameter(f"{run}: no such run folder", param_hint="--run")
     from valle_cli.common import refuse_output_over_input
 
-    refuse_output_over_input(out, [manifest, outputs, references, run, held_out_from, checkpoint])
+    refuse_output_over_input(out, [manifest, outputs, references, run, voices_from, checkpoint])
     if out.exists() and not out.is_dir():
         raise typer.BadParameter(f"{out}: not a folder", param_hint="--out")
     if any((out / name).exists() for name in _PRODUCTS) and not overwrite:
@@ -95,15 +105,16 @@ def command(
 
     ev.require_tools()
     rows = len(read_sample_manifest(manifest))
-    held_out = ev.held_out_voices(held_out_from) if held_out_from is not None else None
+    trained = ev.training_voices(voices_from) if voices_from is not None else None
     roles = 1 + (references is not None) + codec_references
     with progress("score", total=rows * roles, unit="audio") as advance:
         report = ev.evaluate(manifest, outputs, references=references, codec_references=codec_references,
                              lm=lm.value, encoder=encoder.value, checkpoint=checkpoint, device=device,
-                             audio_dir=out / "audio", held_out=held_out, on_progress=advance)
+                             audio_dir=out / "audio", trained_voices=trained, run=run,
+                             on_progress=advance)
     _warn(report.summary, outputs)
     with progress("report", total=len(report.items), unit="items") as advance:
-        index = write_report(report, out, run=run, on_progress=advance)
+        index = write_report(report, out, run=run, curve=curve or (), on_progress=advance)
     if run is not None and not (out / "img" / "curves.png").exists():
         Log.warn(f"{run}: no curves.png nor log.jsonl, the page has no training curves")
     for line in _describe(report.summary):
@@ -126,16 +137,27 @@ def _describe(summary: dict[str, Any]) -> list[str]:
     def fmt(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
 
+    check = summary["judge"]["separation"]
+    verdict = {True: "holds", False: "does NOT hold", None: "unchecked"}[check["holds"]]
     lines = [f"{summary['counts']['scored']} of {summary['counts']['rows']} item(s) scored; {summary['recogniser']}; "
-             f"SIM: {summary['encoder']} cosine to the prompt"]
+             f"SIM: {summary['encoder']} cosine to the prompt",
+             f"judge separation: ceiling WER {fmt(check['own_text_wer'])} vs wrong-sentence WER "
+             f"{fmt(check['wrong_sentence_wer'])} ({verdict})"]
     for role, m in summary["means"].items():
         lines.append(f"{role.replace('_', ' ')}: WER {fmt(m['wer'])}  CER {fmt(m['cer'])}  SIM {fmt(m['sim'])}")
     for role, r in summary["ratios"].items():
         lines.append(f"output / {role.replace('_', ' ')}: WER x{fmt(r['wer'])}  SIM x{fmt(r['sim'])}")
+    floors, shares, durations = summary["floors"], summary["shares"], summary["durations"]
+    lines.append(f"floors: wrong-sentence WER {fmt(floors['wrong_sentence_wer'])}, different-voice SIM "
+                 f"{fmt(floors['different_voice_sim'])}; share recovered: WER {fmt(shares['wer'])}  "
+                 f"SIM {fmt(shares['sim'])}")
+    lines.append(f"durations: {durations['within']} of {durations['n']} within +-25 %, "
+                 f"{len(durations['early_stops'])} early stop(s), {len(durations['capped'])} capped")
     for group, part in summary.get("by_voice", {}).items():
-        m = part["means"]["output"]
-        label = f"held-out voices ({', '.join(summary['held_out_voices'])})" if group == "held_out" else "seen voices"
-        lines.append(f"{label}: output WER {fmt(m['wer'])}  SIM {fmt(m['sim'])} over {m['n']} item(s)")
+        m = part["means"].get("output", {})
+        label = f"unseen voices ({', '.join(summary['unseen_voices'])})" if group == "unseen" else "seen voices"
+        lines.append(f"{label}: output WER {fmt(m.get('wer'))}  SIM {fmt(m.get('sim'))} over {m.get('n', 0)} item(s); "
+                     f"shares WER {fmt(part['shares']['wer'])}  SIM {fmt(part['shares']['sim'])}")
     return lines
 
 

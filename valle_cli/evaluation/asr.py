@@ -1,7 +1,7 @@
 """Intelligibility: an offline recogniser (pocketsphinx) restricted to the words that may be spoken.
 
 pocketsphinx's en-us acoustic model with a closed-vocabulary language model made of exactly the
-evaluated texts (unigram by default, or a backoff bigram) and a dictionary of just their words: its
+evaluated texts (a backoff bigram by default, or unigram) and a dictionary of just their words: its
 general English LM is useless on synthetic voices. Texts and hypotheses are normalised alike
 (English numbers and abbreviations spelled out, lowercase, punctuation stripped) and scored with
 jiwer. Words missing from the pronouncing dictionary cannot be recognised and are reported.
@@ -23,6 +23,16 @@ from valle_cli.errors import InputError, ValleError
 
 LMS = ("unigram", "bigram")
 ASR_RATE = 16000  # Hz: pocketsphinx's en-us model
+DEFAULT_LM = "bigram"
+# The judge's decoder settings. Measured on 60 held-out espeak sentences (12 voices x 5, make_corpus.py), WER of
+# the codec-resynthesised references against their own texts vs against another item's text: unigram LM
+# 0.637 vs 0.936 (separation fails), bigram 0.308 vs 0.889 (holds, 0.35x), bigram with 0.3 s of silence before
+# and after each utterance 0.239 vs 0.857 (0.28x). Language weights 12 and 20 were worse (references 0.41,
+# 0.47 against 0.40), wider beams and live CMN the same within 0.01: pocketsphinx's defaults stay, with
+# per-utterance CMN.
+JUDGE_SETTINGS: dict[str, float | str] = {"cmn": "batch",  # per-utterance normalisation: no carry-over
+                                          "lw": 6.5}  # pocketsphinx's default language weight
+PAD_SECONDS = 0.3  # silence added before and after each utterance: the decoder sees its start and end
 _BIGRAM_DISCOUNT = 0.5  # absolute discount of seen bigram counts, given to the unigram backoff
 
 
@@ -111,7 +121,7 @@ def arpa_lm(sentences: Sequence[Sequence[str]], order: str = "unigram") -> str:
 class Recogniser:
     """pocketsphinx limited to the words of ``texts``, with a unigram or bigram LM made of them."""
 
-    def __init__(self, texts: Sequence[str], lm: str = "unigram"):
+    def __init__(self, texts: Sequence[str], lm: str = DEFAULT_LM):
         require_tools()
         from pocketsphinx import Decoder
 
@@ -123,12 +133,12 @@ class Recogniser:
             raise InputError("no word of the texts is in pocketsphinx's English dictionary: cannot recognise")
         sentences = [[w for w in s if w not in self.oov] for s in sentences]
         self.lm = lm
+        self.settings = {"lm": lm, **JUDGE_SETTINGS, "pad_seconds": PAD_SECONDS}  # printed by the report
         with tempfile.TemporaryDirectory(prefix="valle-asr-") as tmp:
             (Path(tmp) / "closed.arpa").write_text(arpa_lm(sentences, lm))
             (Path(tmp) / "closed.dict").write_text("\n".join(entries) + "\n")
             self._decoder = Decoder(hmm=str(_model_dir() / "en-us"), lm=f"{tmp}/closed.arpa",
-                                    dict=f"{tmp}/closed.dict", logfn=os.devnull,
-                                    cmn="batch")  # per-utterance normalisation: no carry-over between files
+                                    dict=f"{tmp}/closed.dict", logfn=os.devnull, **JUDGE_SETTINGS)
 
     def __call__(self, wav: np.ndarray, sample_rate: int) -> str:
         """The recognised words of one utterance (mono float), normalised; '' when nothing was heard."""
@@ -136,7 +146,8 @@ class Recogniser:
 
         if sample_rate != ASR_RATE:
             wav = soxr.resample(wav, sample_rate, ASR_RATE)
-        pcm = (np.clip(wav, -1.0, 1.0) * 32767).astype(np.int16)
+        pad = np.zeros(int(PAD_SECONDS * ASR_RATE), np.float32)
+        pcm = (np.clip(np.concatenate([pad, wav, pad]), -1.0, 1.0) * 32767).astype(np.int16)
         self._decoder.start_utt()
         self._decoder.process_raw(pcm.tobytes(), full_utt=True)
         self._decoder.end_utt()
@@ -144,7 +155,7 @@ class Recogniser:
         return normalise_text(hyp.hypstr) if hyp is not None else ""
 
 
-def recognise(wavs: Sequence[np.ndarray], sample_rate: int, texts: Sequence[str], lm: str = "unigram") -> list[str]:
+def recognise(wavs: Sequence[np.ndarray], sample_rate: int, texts: Sequence[str], lm: str = DEFAULT_LM) -> list[str]:
     """Hypotheses (normalised text) of ``wavs`` by pocketsphinx with a closed LM made of ``texts`` (all the
     texts that may be spoken, not necessarily one per wav)."""
     asr = Recogniser(texts, lm)

@@ -6,7 +6,7 @@ ground-truth audio for the same ids (``<id>.wav`` / ``.npz``), and their resynth
 of the outputs (quantize + decode), so every figure sits next to its ceiling with and without codec loss.
 
   WER, CER  of an offline recogniser, pocketsphinx (en-us acoustic model), restricted to the words of
-            all the evaluated texts: a closed-vocabulary unigram (default) or bigram language model
+            all the evaluated texts: a closed-vocabulary bigram (default) or unigram language model
             and a dictionary of just those words (pocketsphinx's general English LM is useless on
             synthetic voices). Texts and hypotheses are normalised alike: English numbers and
             abbreviations spelled out (valle_cli.text.normalize), lowercase, punctuation stripped.
@@ -16,7 +16,13 @@ of the outputs (quantize + decode), so every figure sits next to its ceiling wit
             ge2e by default, mfcc, or codes with a checkpoint).
 
 Aggregates are per-item means, and the ratios output / reference of the mean WER and mean SIM
-(1 = as good as the ceiling; WER ratios above 1 and SIM ratios below 1 are worse). ``write_report``
+(1 = as good as the ceiling; WER ratios above 1 and SIM ratios below 1 are worse). Floors come from
+the same items, with no extra generation: the ceiling's hypotheses scored against another item's text
+(wrong-sentence WER) and the references against another voice's prompt (different-voice SIM); the
+share of the floor-to-ceiling range an output recovers is 0 for babble and 1 at the ceiling. The
+judge is trusted when the ceiling's WER is at most half the wrong-sentence WER (``separation``).
+Durations (output vs reference, early stops, outputs at samples.json's cap), the goals, and all of it
+for seen and unseen voices apart. ``write_report``
 (``evaluation/report.py``) makes a folder: scores.csv, summary.json and index.html with audio players
 and spectrograms; the recogniser is in ``evaluation/asr.py``.
 """
@@ -36,10 +42,15 @@ import numpy as np
 
 from valle_cli import formats
 from valle_cli.errors import AudioError, InputError, ValleError
-from valle_cli.evaluation.asr import LMS, Recogniser, error_rates, normalise_text, require_tools
+from valle_cli.evaluation.asr import DEFAULT_LM, LMS, Recogniser, error_rates, normalise_text, require_tools
 
 AUDIO_RATE = 24000  # Hz: every audio file of the report
-EVALUATION_FORMAT_VERSION = 1
+EVALUATION_FORMAT_VERSION = 2
+# The goals of a model that speaks (ratios to the codec references, shares of the floor-to-ceiling range)
+GOALS = {"wer_ratio": 1.1, "sim_ratio": 0.9, "wer_share": 0.8, "sim_share": 0.8, "duration_within": 0.25}
+SEPARATION = 0.5  # the judge is trusted when the ceiling's WER is at most this times the wrong-sentence WER
+EARLY_STOP = 0.75  # an output shorter than this times its reference's duration stopped early
+RESUME_GAP_S = 600.0  # log.jsonl: a gap this much longer than the run's usual one is a resume, not training
 ROLES = ("prompt", "reference", "codec_reference", "output")  # the audio of one item, in page order
 SCORED = ("output", "reference", "codec_reference")  # the roles that get WER, CER and SIM
 _OUTPUT_EXTENSIONS = (".npz", ".wav", ".flac")
@@ -67,6 +78,10 @@ class Item:
     prompts: list[str]
     audio: dict[str, Path] = field(default_factory=dict)  # role -> wav
     scores: dict[str, Scores] = field(default_factory=dict)  # scored role -> scores
+    seconds: dict[str, float] = field(default_factory=dict)  # role -> duration of its audio
+    frame_rate: float | None = None  # of the output's codes (the cap check allows one frame)
+    wrong_wer: float | None = None  # the ceiling's hypothesis scored against another item's text
+    other_voice_sim: float | None = None  # the reference (or prompt) against another voice's prompt
 
 
 @dataclass
@@ -171,17 +186,20 @@ def _file_stem(index: int, uid: str) -> str:
 
 
 def evaluate(manifest: str | os.PathLike[str], outputs: str | os.PathLike[str], *,
-             references: str | os.PathLike[str] | None = None, codec_references: bool = False, lm: str = "unigram",
+             references: str | os.PathLike[str] | None = None, codec_references: bool = False, lm: str = DEFAULT_LM,
              encoder: str = "ge2e", checkpoint: str | os.PathLike[str] | None = None, device: str = "cpu",
-             audio_dir: str | os.PathLike[str] | None = None, held_out: Sequence[str] | None = None,
+             audio_dir: str | os.PathLike[str] | None = None, trained_voices: Sequence[str] | None = None,
+             run: str | os.PathLike[str] | None = None,
              on_progress: Callable[[int], None] | None = None) -> Report:
     """Score the outputs of ``valle sample --manifest`` (and the references, when given) for every row.
 
     Rows without an output are listed in the summary as missing, rows whose audio cannot be read as
     failures; it is an error when no row is left. The audio of every item is written as wav to
     ``audio_dir`` (a temporary folder when None) for write_report. ``on_progress`` counts scored audios.
-    ``held_out`` names voices the model never trained on (``held_out_voices`` of a shard set): the
-    summary then also gives every mean for those voices and for the others apart (``by_voice``)."""
+    ``trained_voices`` names the voices of the training split (``training_voices`` of a shard set): the
+    summary then also gives every figure for seen voices and for unseen ones (any other voice) apart
+    (``by_voice``). ``outputs/samples.json`` (valle sample) gives the step and the length cap; ``run`` (the
+    training run folder) the minutes of training at that step."""
     from valle_cli.evaluation.similarity import make_encoder
     from valle_cli.formats import read_sample_manifest
 
@@ -193,11 +211,17 @@ def evaluate(manifest: str | os.PathLike[str], outputs: str | os.PathLike[str], 
         audio_dir = keep.name
     gathered = _gather_audio(rows, Path(outputs), references, codec_references, Path(audio_dir), device)
     asr = Recogniser([item.text for item in gathered.items], lm)
-    _score_gathered(gathered, asr, make_encoder(encoder, checkpoint=checkpoint, device=device), device, on_progress)
+    embedder = make_encoder(encoder, checkpoint=checkpoint, device=device)
+    _score_gathered(gathered, asr, embedder, device, on_progress)
+    score_floors(gathered.items, embedder, device)
+    info = formats.read_samples_info(outputs)
     summary = summarise(gathered.items, rows=len(rows), missing=gathered.missing, failures=gathered.failures,
-                        lm=lm, encoder=encoder, oov=sorted(asr.oov))
-    if held_out is not None:
-        summary.update(_by_voice(gathered.items, set(held_out), lm, encoder))
+                        lm=lm, encoder=encoder, oov=sorted(asr.oov), max_seconds=(info or {}).get("max_seconds"))
+    summary["judge"]["settings"] = asr.settings
+    summary.update(samples=info, step=(info or {}).get("step"))
+    summary["training_minutes"] = training_minutes(run, summary["step"]) if run is not None else None
+    if trained_voices is not None:
+        summary.update(by_voice_group(gathered.items, set(trained_voices), summary["durations"]["max_seconds"]))
     return Report(items=gathered.items, summary=summary, _keep=keep)
 
 
@@ -243,7 +267,10 @@ def _gather_audio(rows: list[tuple[str, str, list[str]]], outputs: Path, referen
             got.failures[uid] = str(e)
             continue
         item = Item(uid, text, prompts)
+        if output.suffix.lower() == ".npz":
+            item.frame_rate = formats.read_codes(output).frame_rate
         for role, wav in audio.items():
+            item.seconds[role] = len(wav) / AUDIO_RATE
             path = audio_dir / f"{_file_stem(index, uid)}.{role}.wav"
             formats.atomic_write_bytes(path, wav_bytes(wav, AUDIO_RATE))
             item.audio[role] = path
@@ -284,16 +311,52 @@ def _score_gathered(got: _Gathered, asr: Recogniser, encoder: Any, device: str,
         item.scores[role] = score
 
 
-def _by_voice(items: list[Item], unseen: set[str], lm: str, encoder: str) -> dict[str, Any]:
-    """The means and ratios of held-out voices and of seen voices apart (summary keys by_voice, held_out_voices)."""
-    groups = {"held_out": [i for i in items if voice_of(i) in unseen],
-              "seen": [i for i in items if voice_of(i) not in unseen]}
-    by_voice = {}
-    for name, group in groups.items():
-        if group:
-            part = summarise(group, rows=len(group), missing=(), failures={}, lm=lm, encoder=encoder, oov=())
-            by_voice[name] = {"means": part["means"], "ratios": part["ratios"]}
-    return {"by_voice": by_voice, "held_out_voices": sorted(unseen)}
+# ----------------------------------------------------------------------------- floors
+
+
+def partner(n: int, i: int, differs: Callable[[int], bool]) -> int | None:
+    """A fixed derangement: the first item from ``i + n // 2`` on (wrapping, never ``i``) that ``differs``."""
+    for step in range(n):
+        k = (i + max(1, n // 2) + step) % n
+        if k != i and differs(k):
+            return k
+    return None
+
+
+def ceiling_role(items: Sequence[Item]) -> str | None:
+    """The scored role the outputs are measured against: the codec references, else the references."""
+    for role in ("codec_reference", "reference"):
+        if any(role in item.scores for item in items):
+            return role
+    return None
+
+
+def score_floors(items: Sequence[Item], encoder: Any, device: str = "cpu") -> None:
+    """What wrong speech scores, on the same items (no generation): ``item.wrong_wer``, the ceiling's hypothesis
+    against the text of another item (a fixed derangement, skipping equal texts), and ``item.other_voice_sim``,
+    the reference's embedding (the prompt's when there is no reference) against the prompt of an item of a
+    different voice (none when every item has one voice)."""
+    from valle_cli.evaluation.similarity import cosine_pairs, embed_files
+
+    n, role = len(items), ceiling_role(items)
+    texts = [normalise_text(item.text) for item in items]
+    if role is not None:
+        for i, item in enumerate(items):
+            k = partner(n, i, lambda k, i=i: bool(texts[k]) and texts[k] != texts[i])
+            if k is not None and role in item.scores:
+                item.wrong_wer = error_rates(texts[k], item.scores[role].hypothesis)[0]
+    found = [(item, partner(n, i, lambda k, i=i: voice_of(items[k]) != voice_of(items[i])))
+             for i, item in enumerate(items)]
+    pairs = [(item, items[k]) for item, k in found if k is not None]
+    if not pairs:
+        return
+    own = [item.audio.get("reference", item.audio["prompt"]) for item, _ in pairs]
+    vectors = embed_files([*own, *(other.audio["prompt"] for _, other in pairs)], encoder, device=device)  # (2P, D)
+    for (item, _), sim in zip(pairs, cosine_pairs(vectors[: len(pairs)], vectors[len(pairs):]), strict=True):
+        item.other_voice_sim = float(sim)
+
+
+# ----------------------------------------------------------------------------- voices, durations, training time
 
 
 def voice_of(item: Item) -> str:
@@ -301,17 +364,64 @@ def voice_of(item: Item) -> str:
     return Path(item.prompts[0]).parent.name if item.prompts else ""
 
 
-def held_out_voices(shards: str | os.PathLike[str]) -> list[str]:
-    """Speakers of a shard set's validation split that have no training utterance (valle shard --split-by speaker)."""
+def training_voices(shards: str | os.PathLike[str]) -> list[str]:
+    """Speakers with an utterance in a shard set's training split: every other voice is unseen."""
     from valle_cli.data.shards import ShardSet
 
     index = ShardSet(shards).index
-    train = set(index.filter(index["split"] == "train")["speaker"].to_list())
-    return sorted(set(index.filter(index["split"] == "val")["speaker"].to_list()) - train)
+    return sorted(set(index.filter(index["split"] == "train")["speaker"].to_list()))
 
 
-def _mean(values: Sequence[float]) -> float | None:
-    finite = [v for v in values if not math.isnan(v)]
+def duration_ratio(item: Item) -> float | None:
+    """Output duration / reference duration of one item (None without a reference)."""
+    if "output" not in item.seconds or not item.seconds.get("reference"):
+        return None
+    return item.seconds["output"] / item.seconds["reference"]
+
+
+def is_capped(item: Item, max_seconds: float | None) -> bool:
+    """The output ran to the length cap (within one frame of it; one sample for wav outputs)."""
+    frame = 1.0 / (item.frame_rate or AUDIO_RATE)
+    return max_seconds is not None and item.seconds.get("output", 0.0) >= max_seconds - frame
+
+
+def duration_check(items: Sequence[Item], max_seconds: float | None) -> dict[str, Any]:
+    """Outputs within +-25 % of their reference's duration, early stops (< 0.75x) and outputs at the cap
+    (``max_seconds`` of samples.json)."""
+    ratios = {i.id: r for i in items if (r := duration_ratio(i)) is not None}
+    within = sum(abs(r - 1.0) <= GOALS["duration_within"] for r in ratios.values())
+    return {"n": len(ratios), "within": int(within), "fraction_within": within / len(ratios) if ratios else None,
+            "mean_ratio": _mean(list(ratios.values())),
+            "early_stops": [uid for uid, r in ratios.items() if r < EARLY_STOP],
+            "capped": [i.id for i in items if is_capped(i, max_seconds)], "max_seconds": max_seconds}
+
+
+def training_minutes(run: str | os.PathLike[str], step: int | None) -> float | None:
+    """Minutes of training up to ``step``, from run/log.jsonl ("step", "time" in unix seconds).
+
+    The sum of the gaps between consecutive records up to the first record at or past ``step``, plus the
+    first window (its steps at the run's median seconds per step). A gap longer than the median gap plus
+    RESUME_GAP_S holds a stop and resume: it counts as its steps at the median seconds per step instead.
+    None without a step or two timed records."""
+    if step is None:
+        return None
+    records = sorted((r for r in formats.read_log(run) if "time" in r and "step" in r),
+                     key=lambda r: (r["time"], r["step"]))
+    gaps = [(b["time"] - a["time"], b["step"] - a["step"]) for a, b in zip(records, records[1:], strict=False)]
+    if not gaps:
+        return None
+    upto = next((k for k, r in enumerate(records) if r["step"] >= step), len(records) - 1)
+    usual = float(np.median([g for g, _ in gaps]))
+    per_step = float(np.median([g / d for g, d in gaps if d > 0] or [0.0]))
+    counted = sum(g if g <= usual + RESUME_GAP_S else d * per_step for g, d in gaps[:upto])
+    return (counted + records[0]["step"] * per_step) / 60.0
+
+
+# ----------------------------------------------------------------------------- the summary
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
     return float(np.mean(finite)) if finite else None
 
 
@@ -319,9 +429,21 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def summarise(items: Sequence[Item], *, rows: int, missing: Sequence[str], failures: dict[str, str], lm: str,
-              encoder: str, oov: Sequence[str]) -> dict[str, Any]:
-    """Means per scored role, the ratios output / ceiling, the settings and the counts."""
+def _share(floor: float | None, value: float | None, ceiling: float | None) -> float | None:
+    """(floor - value) / (floor - ceiling): 0 = as bad as wrong speech, 1 = as good as the ceiling."""
+    if floor is None or value is None or ceiling is None or abs(floor - ceiling) < 1e-9:
+        return None
+    return (floor - value) / (floor - ceiling)
+
+
+def _goal(value: float | None, goal: float, better: str) -> dict[str, Any]:
+    met = None if value is None else (value <= goal if better == "lower" else value >= goal)
+    return {"value": value, "goal": f"{'<=' if better == 'lower' else '>='} {goal:g}", "met": met}
+
+
+def figures(items: Sequence[Item], max_seconds: float | None = None) -> dict[str, Any]:
+    """Means per scored role, ratios output / ceiling, the floors, the shares of the range, the durations and
+    the goals of ``items`` (all of them, or one voice group)."""
     means: dict[str, dict[str, float | None]] = {}
     for role in SCORED:
         scored = [item.scores[role] for item in items if role in item.scores]
@@ -330,11 +452,52 @@ def summarise(items: Sequence[Item], *, rows: int, missing: Sequence[str], failu
                            "cer": _mean([s.cer for s in scored]), "sim": _mean([s.sim for s in scored])}
     ratios = {}
     for role in ("reference", "codec_reference"):
-        if role in means:
+        if role in means and "output" in means:
             ratios[role] = {m: _ratio(means["output"][m], means[role][m]) for m in ("wer", "cer", "sim")}
-    return {"kind": "evaluation", "format_version": EVALUATION_FORMAT_VERSION,
-            "recogniser": f"pocketsphinx en-us, closed-vocabulary {lm} LM of the {len(items)} evaluated texts",
+    ceiling = ceiling_role(items)
+    floors = {"wrong_sentence_wer": _mean([i.wrong_wer for i in items]),
+              "different_voice_sim": _mean([i.other_voice_sim for i in items])}
+    out, top = means.get("output", {}), means.get(ceiling, {}) if ceiling else {}
+    # WER: lower is better, (floor - output) / (floor - ceiling); SIM: higher is better, the same with signs turned
+    shares = {"wer": _share(floors["wrong_sentence_wer"], out.get("wer"), top.get("wer")),
+              "sim": _share(floors["different_voice_sim"], out.get("sim"), top.get("sim"))}
+    durations = duration_check(items, max_seconds)
+    ratio = ratios.get(ceiling or "", {})
+    goals = {"wer_ratio": _goal(ratio.get("wer"), GOALS["wer_ratio"], "lower"),
+             "sim_ratio": _goal(ratio.get("sim"), GOALS["sim_ratio"], "higher"),
+             "wer_share": _goal(shares["wer"], GOALS["wer_share"], "higher"),
+             "sim_share": _goal(shares["sim"], GOALS["sim_share"], "higher"),
+             "duration_within": _goal(durations["fraction_within"], 1.0, "higher")}
+    return {"means": means, "ratios": ratios, "ceiling": ceiling, "floors": floors, "shares": shares,
+            "durations": durations, "goals": goals}
+
+
+def separation(items: Sequence[Item]) -> dict[str, Any]:
+    """Whether the judge tells right speech from wrong text: the ceiling's WER against its own texts vs against
+    the deranged texts; it holds when the first is at most SEPARATION times the second."""
+    role = ceiling_role(items)
+    own = _mean([i.scores[role].wer for i in items if role in i.scores]) if role else None
+    wrong = _mean([i.wrong_wer for i in items])
+    holds = None if own is None or wrong is None else own <= SEPARATION * wrong
+    return {"role": role, "own_text_wer": own, "wrong_sentence_wer": wrong, "limit": SEPARATION, "holds": holds}
+
+
+def by_voice_group(items: Sequence[Item], trained: set[str], max_seconds: float | None) -> dict[str, Any]:
+    """The figures of seen voices (in the training split) and of unseen ones (any other voice) apart."""
+    groups = {"seen": [i for i in items if voice_of(i) in trained],
+              "unseen": [i for i in items if voice_of(i) not in trained]}
+    return {"by_voice": {name: figures(group, max_seconds) for name, group in groups.items() if group},
+            "seen_voices": sorted({voice_of(i) for i in groups["seen"]}),
+            "unseen_voices": sorted({voice_of(i) for i in groups["unseen"]})}
+
+
+def summarise(items: Sequence[Item], *, rows: int, missing: Sequence[str], failures: dict[str, str], lm: str,
+              encoder: str, oov: Sequence[str], max_seconds: float | None = None) -> dict[str, Any]:
+    """The figures of all items, the judge and its separation check, the settings and the counts."""
+    recogniser = f"pocketsphinx en-us, closed-vocabulary {lm} LM of the {len(items)} evaluated texts"
+    return {"kind": "evaluation", "format_version": EVALUATION_FORMAT_VERSION, "recogniser": recogniser,
             "lm": lm, "encoder": encoder,
+            "judge": {"recogniser": recogniser, "settings": {"lm": lm}, "separation": separation(items)},
             "counts": {"rows": rows, "scored": len(items), "missing": len(missing), "failed": len(failures)},
-            "means": means, "ratios": ratios, "missing": list(missing), "failures": dict(failures),
-            "out_of_vocabulary": list(oov)}
+            **figures(items, max_seconds), "goal_values": dict(GOALS),
+            "missing": list(missing), "failures": dict(failures), "out_of_vocabulary": list(oov)}
