@@ -117,6 +117,11 @@ def test_curve_from_two_hand_written_summaries(tmp_path):
                                                                                 ("r2", 200, 20.0, 0.5)]
     assert rp.read_curve([tmp_path / "reports" / "r1"])[0]["wer_share"] == pytest.approx(0.1)  # one report folder
     assert [p["label"] for p in rp.read_curve([tmp_path / "reports"], skip=tmp_path / "reports" / "r2")] == ["r1"]
+    deep = tmp_path / "curve" / "step-0000300" / "report"  # pipelines/Makefile: curve/step-N/{samples,report}
+    deep.mkdir(parents=True)
+    (deep / "summary.json").write_text(json.dumps(_summary(300, 30.0, 0.3)))
+    (deep.parent / "samples").mkdir()
+    assert [(p["label"], p["step"]) for p in rp.read_curve([tmp_path / "curve"])] == [("step-0000300/report", 300)]
     rp.curve_png(points, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 5000
     with pytest.raises(InputError, match="no such report folder"):

@@ -255,3 +255,25 @@ def test_a_shortened_make_demo_runs_end_to_end(tmp_path):
     assert b"--resume" in res.stdout and (work / "run" / ".done").is_file()
     steps = [json.loads(line).get("step") for line in (work / "run" / "log.jsonl").read_text().splitlines()]
     assert max(s for s in steps if s is not None) == 4
+
+
+@pytest.mark.slow
+def test_a_tiny_make_speak_runs_with_its_learning_curve_and_the_recipe_settings(tmp_path):
+    """`make speak` shrunk to a couple of CPU minutes (quality is not asserted here): unseen voices, the
+    37.5 frames/s codec, the recipe's [sample] settings in the checkpoint, and a learning curve."""
+    work = tmp_path / "sp"
+    tiny = ["SPEAKERS=3", "PER_SPEAKER=8", "EVAL_SPEAKERS=2", "UNSEEN_SPEAKERS=1", "EVAL_PER_SPEAKER=1",
+            "PRESET=tiny", "STEPS=4", "BATCH_TOKENS=2000", "EVAL_EVERY=2", "SAVE_EVERY=2", "CURVE_EVERY=2",
+            "CODEBOOKS=2", "VAL_FRACTION=0.3", "DEVICE=cpu"]
+    res = make("speak", f"SPEAK_WORK={work}", *tiny)
+    assert res.returncode == 0, res.stderr.decode()[-3000:]
+    assert b"speak done" in res.stderr and (work / "sample.wav").is_file()
+    summary = json.loads((work / "report" / "summary.json").read_text())
+    assert summary["counts"]["scored"] == 3  # 2 corpus voices + 1 unseen voice, one sentence each
+    assert len(summary["unseen_voices"]) >= 1 and any(v.startswith("unseen") for v in summary["unseen_voices"])
+    samples = json.loads((work / "samples" / "samples.json").read_text())
+    assert samples["step"] == 4 and samples["params"]["mode"] == "ar+nar" and samples["params"]["ar"]["min_p"] == 0.05
+    assert samples["max_seconds"] == pytest.approx(10.0, abs=0.03)  # speak.toml's cap: MAX_SECONDS is empty
+    assert (work / "curve" / "step-0000002" / "report" / "summary.json").is_file()
+    assert "step-0000002/report" in (work / "report" / "index.html").read_text()  # a point of the curve
+    assert json.loads((work / "run" / "config.json").read_text())["frame_rate"] == 37.5

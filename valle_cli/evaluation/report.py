@@ -173,24 +173,25 @@ def curve_point(summary: dict[str, Any], label: str) -> dict[str, Any]:
 
 
 def read_curve(folders: Sequence[str | os.PathLike[str]], skip: Path | None = None) -> list[dict[str, Any]]:
-    """Curve points of earlier reports: each folder is a report folder (it has summary.json) or a folder of
-    report folders (its subfolders that have one), less ``skip`` (the report being written, whose old
-    summary would be a stale point). Points without a step are dropped; sorted by step."""
-    summaries = []
+    """Curve points of earlier reports: each folder is a report folder (it has summary.json) or a folder
+    that holds report folders at any depth (``curve/step-N/report/``, as pipelines/Makefile writes them),
+    less ``skip`` (the report being written, whose old summary would be a stale point). Points without a
+    step are dropped; sorted by step."""
+    summaries: list[tuple[Path, str]] = []  # (summary.json, its label)
     for folder in map(Path, folders):
         if (folder / "summary.json").is_file():
-            summaries.append(folder / "summary.json")
+            summaries.append((folder / "summary.json", folder.name))
         elif folder.is_dir():
-            summaries += sorted(p / "summary.json" for p in folder.iterdir() if (p / "summary.json").is_file())
+            summaries += [(p, str(p.parent.relative_to(folder))) for p in sorted(folder.rglob("summary.json"))]
         else:
             raise InputError(f"{folder}: no such report folder (--curve)")
     points = []
-    for path in summaries:
+    for path, label in summaries:
         if skip is not None and path.parent.resolve() == skip.resolve():
             continue
         try:
             summary = json.loads(path.read_text())
-            point = curve_point(summary, path.parent.name)
+            point = curve_point(summary, label)
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise InputError(f"{path}: not a valle evaluate summary of this version ({e})") from None
         if point["step"] is not None:
