@@ -68,8 +68,12 @@ def test_rerun_skips_then_overwrite_with_a_speaker_split(prepared):
     assert res.returncode == 0 and "skipping (--overwrite to redo)" in _stderr(res)
     assert (out / "index.parquet").stat().st_mtime_ns == before
 
+    # Limits from the data itself: just under the longest utterance, then just under the longest text of the rest
+    unfiltered = ShardSet(out).index
+    max_seconds = float(unfiltered["seconds"].max()) - 1e-3
+    max_text = int(unfiltered.filter(pl.col("seconds") <= max_seconds)["text_len"].max()) - 1
     res = run_valle(*args, "--overwrite", "--split-by", "speaker", "--val-fraction", "0.3", "--shard-mb", "0.002",
-                    "--max-seconds", "4.3", "--max-text-tokens", "65", "-v")
+                    "--max-seconds", f"{max_seconds:.4f}", "--max-text-tokens", str(max_text), "-v")
     assert res.returncode == 0, _stderr(res)
     data = ShardSet(out)
     assert len(data.paths) > 2 and sorted(p.name for p in out.glob("shard-*.bin")) == [p.name for p in data.paths]
