@@ -74,13 +74,6 @@ def sampler_field(name: str) -> tuple[str | None, str] | None:
     return None
 
 
-def setting_names() -> list[str]:
-    """Every name a setting may have, as the command line spells it (``ar-top-k``)."""
-    sampler = [f.name for f in fields(SamplingParams)]
-    names = [*RUN_SETTINGS, *sampler, *(f"{p}_{n}" for p in PASSES for n in sampler)]
-    return [n.replace("_", "-") for n in names]
-
-
 def check_settings(values: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Generation settings by name, typed as their fields (``"0.8"`` -> 0.8) under canonical names
     (``ar_temperature``); an unknown name or a bad value raises InputError naming ``where``."""
