@@ -119,15 +119,20 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: 
     return _attend_sdpa(q, k, v, mask, causal, dropout_p)
 
 
-def _attend_math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, dropout_p: float) -> Tensor:
+def attention_probs(q: Tensor, k: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    """The softmax attention weights, fp32: q (B, H, Q, Dh), k (B, Hkv, S, Dh) -> (B, H, Q, S)."""
     h, q_len, s_len = q.shape[1], q.shape[2], k.shape[2]
-    k, v = expand_kv(k, h).float(), expand_kv(v, h).float()  # (B, H, S, Dh)
-    scores = (q.float() @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, Q, S)
+    scores = (q.float() @ expand_kv(k, h).float().transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, Q, S)
     if causal:
         mask = causal_mask(q_len, s_len, q.device)[None, None]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = scores.softmax(dim=-1)
+    return scores.softmax(dim=-1)
+
+
+def _attend_math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, dropout_p: float) -> Tensor:
+    v = expand_kv(v, q.shape[1]).float()  # (B, H, S, Dh)
+    probs = attention_probs(q, k, mask, causal)  # (B, H, Q, S)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     return (probs @ v).to(q.dtype)  # (B, H, Q, Dh)

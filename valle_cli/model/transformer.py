@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from valle_cli.model.attention import attend, causal_mask, resolve_backend
+from valle_cli.model.attention import attend, attention_probs, causal_mask, resolve_backend
 from valle_cli.model.backbone_output import BackboneOutput
 from valle_cli.model.config import ModelConfig
 from valle_cli.model.masks import chunked_local
@@ -128,6 +128,11 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.dropout = nn.Dropout(config.dropout)
+        # Guided attention (model/guided_attention.py): with probe_heads = h > 0, a
+        # full-sequence forward (training, validation; not a cached decode step) also keeps the attention
+        # weights of heads 0..h-1 in ``probed`` (B, h, T, S), for a loss on them.
+        self.probe_heads = 0
+        self.probed: Tensor | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, backend: str,
                 kv: tuple[Tensor, Tensor, int] | None = None) -> Tensor:
@@ -140,6 +145,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.probe_heads and kv is None:
+            h = self.probe_heads  # the weights sdpa uses for these heads, recomputed so a loss can reach q and k
+            kv_heads = k[:, [i * self.n_kv_heads // self.n_heads for i in range(h)]]  # (B, h, T, Dh)
+            self.probed = attention_probs(q[:, :h], kv_heads, mask, causal=mask is None)  # (B, h, T, T)
         if kv is not None:
             # write the new keys / values in place at [start, start + T), then read [0, start + T)
             k_buf, v_buf, start = kv

@@ -35,8 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from valle_cli.data import tasks
+from valle_cli.errors import InputError
 from valle_cli.model import build_backbone
 from valle_cli.model.config import ModelConfig
+from valle_cli.model.guided_attention import guided_attention_loss
 from valle_cli.model.masks import prefix_bidirectional_mask
 
 
@@ -84,11 +86,22 @@ def task_name(task: int, n_codebooks: int) -> str:
     return "ar" if task == 0 else ("mask" if task == n_codebooks else f"nar{task}")
 
 
+@dataclass(frozen=True)
+class GuideConfig:
+    """Guided attention in training (model/guided_attention.py); weight 0 = off."""
+
+    weight: float = 0.0  # of the penalty's mean, added to the loss
+    width: float = 0.2  # g of the diagonal band, in fractions of the text and speech lengths
+    layer: int = -1  # the guided layer; -1 = the middle one, n_layers // 2
+    heads: int = 1  # heads 0..heads-1 of that layer are guided
+
+
 class CodecLM(nn.Module):
-    def __init__(self, config: ModelConfig, len_loss_weight: float = 0.1):
+    def __init__(self, config: ModelConfig, len_loss_weight: float = 0.1, guide: GuideConfig = GuideConfig()):
         super().__init__()
         self.config = config
         self.len_loss_weight = len_loss_weight
+        self.guide = guide
         d, k, v = config.dim, config.n_codebooks, config.codebook_size
         self.text_emb = nn.Embedding(config.text_vocab_size, d)
         self.lang_emb = nn.Embedding(config.n_langs, d)
@@ -109,6 +122,21 @@ class CodecLM(nn.Module):
         for head in [self.head_ar, self.head_mask, self.head_len, *self.head_nar]:
             nn.init.normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
+        self.guided_layer: int | None = None  # the layer whose first heads are guided (an index: no second
+        if guide.weight > 0:                  # reference to the module, which would double its state_dict keys)
+            layer = guide.layer if guide.layer >= 0 else config.n_layers // 2
+            if config.arch != "transformer":
+                raise InputError(f"guided attention needs the native backbone (arch transformer), not {config.arch}")
+            if not (0 <= layer < config.n_layers and 1 <= guide.heads <= config.n_heads):
+                raise InputError(f"guided attention: layer {guide.layer} / heads {guide.heads} do not fit a model of "
+                                 f"{config.n_layers} layers x {config.n_heads} heads")
+            self.guided_layer = layer
+            self.guided.probe_heads = guide.heads
+
+    @property
+    def guided(self) -> nn.Module | None:
+        """The attention module of the guided layer, or None."""
+        return None if self.guided_layer is None else self.backbone.layers[self.guided_layer].attention
 
     # ------------------------------------------------------------------------- embeddings
 
@@ -197,6 +225,13 @@ class CodecLM(nn.Module):
             loss = loss + self.len_loss_weight * len_sum / len(b_idx)
             exact = (logits.argmax(-1) == digits).all(-1).sum()
             stats["len"] = (len_sum.detach(), float(len(b_idx)), exact.detach().float())
+        guided = self.guided
+        if guided is not None and guided.probed is not None:
+            align_sum, n_align = guided_attention_loss(guided.probed, batch.segment, self.guide.width)
+            guided.probed = None
+            if n_align:
+                loss = loss + self.guide.weight * align_sum / n_align
+                stats["align"] = (align_sum.detach(), float(n_align), align_sum.new_zeros(()))
         if aux is not None:
             loss = loss + aux
         return ModelOutput(loss=loss, stats=stats, aux_loss=aux)

@@ -39,6 +39,10 @@ class TrainConfig:
     beta2: float = 0.95
     clip: float = 1.0  # gradient norm clipping (0 = off)
     len_loss_weight: float = 0.1
+    align_loss_weight: float = 0.0  # guided attention (model/guided_attention.py): 0 = off
+    align_width: float = 0.2  # its diagonal band g, in fractions of the text and speech lengths
+    align_layer: int = -1  # the guided layer (-1 = n_layers // 2)
+    align_heads: int = 1  # heads 0..align_heads-1 of that layer are guided
     eval_every: int = 200
     eval_batches: int = 8
     save_every: int = 500
@@ -70,6 +74,8 @@ class TrainConfig:
             problems.append(f"lr {self.lr} must be > 0")
         if self.task not in ("tts", "continuation"):
             problems.append(f"task {self.task!r} (expected tts or continuation)")
+        if self.align_loss_weight < 0 or self.align_width <= 0 or self.align_heads < 1:
+            problems.append("align_loss_weight >= 0, align_width > 0 and align_heads >= 1 are needed")
         if self.window_seconds <= 0 or self.windows_per_batch < 1 or not 0 <= self.infill_p <= 1:
             problems.append("window_seconds > 0, windows_per_batch >= 1 and 0 <= infill_p <= 1 are needed")
         if problems:

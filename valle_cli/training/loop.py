@@ -239,10 +239,12 @@ class Prefetcher:
 def build_model(model_config: ModelConfig, train_config: TrainConfig, device: str) -> Any:
     import torch
 
-    from valle_cli.model.valle import CodecLM
+    from valle_cli.model.valle import CodecLM, GuideConfig
 
     with torch.device("cpu"):
-        model = CodecLM(model_config, len_loss_weight=train_config.len_loss_weight)
+        model = CodecLM(model_config, len_loss_weight=train_config.len_loss_weight, guide=GuideConfig(
+            weight=train_config.align_loss_weight, width=train_config.align_width,
+            layer=train_config.align_layer, heads=train_config.align_heads))
     return model.to(device)
 
 
@@ -348,6 +350,9 @@ def read_run_config(out: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- metrics
 
 
+AUX_STATS = ("len", "align")  # stats that are not a loss per code: left out of the validation loss
+
+
 class TaskMeter:
     """Sums of (loss, tokens, correct) per task; read on the host only when logging."""
 
@@ -399,8 +404,9 @@ def validate(model: Any, data: Any, task_config: tasks.TaskConfig, model_config:
             with autocast(device, dtype):
                 out = model(batch)
             meter.add(out.stats)
-            n = sum(count for name, (_, count, _) in out.stats.items() if name != "len")
-            total += sum(float(loss) for name, (loss, _, _) in out.stats.items() if name != "len")
+            coded = {name: stat for name, stat in out.stats.items() if name not in AUX_STATS}
+            n = sum(count for _, count, _ in coded.values())
+            total += sum(float(loss) for loss, _, _ in coded.values())
             tokens += int(n)
     model.train(was_training)
     return {"loss": total / max(tokens, 1), "tasks": meter.summary()}
