@@ -141,3 +141,24 @@ def test_cli_refuses_a_negative_count(tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "examples" / "make_corpus.py"), "-o", str(tmp_path / "c"),
                           "--unseen-speakers", "-1"], capture_output=True, timeout=60)
     assert res.returncode == 2 and b"--unseen-speakers must be >= 0" in res.stderr
+
+
+def test_heard_eval_voices_are_of_accents_and_variants_the_judge_hears(tmp_path):
+    unseen = mc.make_unseen_voices(8, seed=0, heard=True)
+    assert all(mc.is_heard(v) for v in unseen) and len({v.speaker for v in unseen}) == 8
+    assert {v.variant for v in unseen} <= set(mc._UNSEEN_FEMALE + mc._UNSEEN_MALE)
+    assert mc.make_unseen_voices(8, seed=0) == mc.make_unseen_voices(8, seed=0, heard=False)  # the default: any
+    corpus = mc.make_voices(40, seed=0)
+    heard = [v.speaker for v in corpus if mc.is_heard(v)]
+    assert 2 <= len(heard) < 40
+    mc.make_corpus(tmp_path / "corpus", n_speakers=40, per_speaker=1, seed=0, eval_dir=tmp_path / "eval",
+                   eval_per_speaker=1, unseen_speakers=2, eval_speakers=2, workers=2, eval_voices="heard")
+    table = [line.split("\t") for line in (tmp_path / "eval" / "speakers.tsv").read_text().splitlines()[1:]]
+    seen = [row[0] for row in table if row[-1] == "1"]
+    assert len(seen) == 2 and set(seen) <= set(heard)
+    assert all(row[1].split("+")[0] in mc.HEARD_ACCENTS and row[1].split("+")[1] in mc.HEARD_VARIANTS for row in table)
+    # too few heard voices (a tiny corpus): the others make up the count
+    few = mc._eval_speakers(corpus, len(heard) + 2, "heard")
+    assert len(few) == len(heard) + 2 and {v.speaker for v in few} >= set(heard)
+    assert mc._eval_speakers(corpus, None, "heard") == [v for v in corpus if mc.is_heard(v)]
+    assert mc._eval_speakers(corpus, 5, "any") == mc._evenly_spaced(corpus, 5)
