@@ -264,7 +264,7 @@ def test_a_tiny_make_speak_runs_with_its_learning_curve_and_the_recipe_settings(
     work = tmp_path / "sp"
     tiny = ["SPEAKERS=3", "PER_SPEAKER=8", "EVAL_SPEAKERS=2", "UNSEEN_SPEAKERS=1", "EVAL_PER_SPEAKER=1",
             "PRESET=tiny", "STEPS=4", "BATCH_TOKENS=2000", "EVAL_EVERY=2", "SAVE_EVERY=2", "CURVE_EVERY=2",
-            "CODEBOOKS=2", "VAL_FRACTION=0.3", "DEVICE=cpu"]
+            "CODEBOOKS=4", "VAL_FRACTION=0.3", "DEVICE=cpu"]  # 4: speak.toml gives one level probability per codebook
     res = make("speak", f"SPEAK_WORK={work}", *tiny)
     assert res.returncode == 0, res.stderr.decode()[-3000:]
     assert b"speak done" in res.stderr and (work / "sample.wav").is_file()
