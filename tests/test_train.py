@@ -330,3 +330,19 @@ def test_config_file_preset_is_used_unless_the_preset_flag_is_given(tmp_path):
     toml.write_text('[model]\npreset = "huge"\n')
     with pytest.raises(InputError, match="preset 'huge'"):
         resolve_config(None, toml)
+
+
+def test_guided_attention_trains_logs_its_penalty_and_leaves_checkpoints_plain(shards, tmp_path):
+    run = tmp_path / "run"
+    train(shards, run, TINY, TASKS, replace(QUICK, max_steps=4, align_loss_weight=1.0), device="cpu")
+    records = read_log(run)
+    for split in ("train", "val"):
+        penalties = [r["tasks"]["align"]["loss"] for r in records if r["split"] == split and "align" in r["tasks"]]
+        assert penalties and all(0 < p <= 1 for p in penalties)
+    val = [r for r in records if r["split"] == "val"][-1]
+    coded = {name: t for name, t in val["tasks"].items() if name not in ("len", "align")}
+    per_code = sum(t["loss"] * t["tokens"] for t in coded.values()) / sum(t["tokens"] for t in coded.values())
+    assert val["loss"] == pytest.approx(per_code, rel=1e-4)  # the penalty is not part of the validation loss
+    assert (run / "curves.png").is_file()
+    model = load_model(ckpt.resolve_checkpoint(run), device="cpu")[0]  # a plain model: sampling probes nothing
+    assert all(layer.attention.probe_heads == 0 for layer in model.backbone.layers)

@@ -29,7 +29,8 @@ def plot_curves(run: str | os.PathLike[str]) -> Path | None:
             points = [(r["step"], r["tasks"][name]) for r in rows if name in r.get("tasks", {})]
             steps = [s for s, _ in points]
             ax_loss.plot(steps, [t["loss"] for _, t in points], style, label=f"{split} {name}", markersize=3)
-            ax_acc.plot(steps, [t["acc"] for _, t in points], style, label=f"{split} {name}", markersize=3)
+            if name != "align":  # guided attention's penalty has no accuracy
+                ax_acc.plot(steps, [t["acc"] for _, t in points], style, label=f"{split} {name}", markersize=3)
     ax_loss.set(xlabel="step", ylabel="cross-entropy", title="loss per task", yscale="log")
     ax_acc.set(xlabel="step", ylabel="top-1 accuracy", title="accuracy per task")
     for ax in (ax_loss, ax_acc):
