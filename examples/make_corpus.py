@@ -449,7 +449,7 @@ def make_corpus(out_dir: str | Path, n_speakers: int = 6, per_speaker: int = 20,
                          voice) for j in range(per_speaker)])
         paths += [job[0] for job in batches[-1]]
     eval_tables: dict[Path, str] = {}
-    if eval_dir is not None and eval_per_speaker > 0:
+    if with_eval:
         batches += _eval_set(Path(eval_dir), out_dir, _eval_speakers(voices, eval_speakers, eval_voices), unseen,
                           sentences[n_speakers * per_speaker:], eval_per_speaker, seed, eval_tables)
     _speak_all(batches, overwrite, workers)
