@@ -346,3 +346,25 @@ def test_guided_attention_trains_logs_its_penalty_and_leaves_checkpoints_plain(s
     assert (run / "curves.png").is_file()
     model = load_model(ckpt.resolve_checkpoint(run), device="cpu")[0]  # a plain model: sampling probes nothing
     assert all(layer.attention.probe_heads == 0 for layer in model.backbone.layers)
+
+
+def test_bf16_autocast_trains_on_the_cpu_and_saves_fp32_weights(shards, tmp_path):
+    config = replace(QUICK, max_steps=4)
+    train(shards, tmp_path / "fp32", TINY, TASKS, config, device="cpu")
+    report = train(shards, tmp_path / "bf16", TINY, TASKS, replace(config, precision="bf16"), device="cpu")
+    assert report.steps == 4 and np.isfinite(report.last_loss)
+    bf16, fp32 = losses(tmp_path / "bf16"), losses(tmp_path / "fp32")
+    assert bf16[0][1] == pytest.approx(fp32[0][1], rel=0.02)  # same batches, same start ...
+    assert bf16 != fp32  # ... but computed in bf16
+    val = [r["loss"] for r in read_log(tmp_path / "bf16") if r["split"] == "val"]
+    assert val and all(np.isfinite(val))
+    weights = ckpt.load_weights(ckpt.resolve_checkpoint(tmp_path / "bf16"))
+    assert {t.dtype for t in weights.values()} == {torch.float32}  # autocast: the master weights stay fp32
+
+
+def test_autocast_dtype_per_device_and_precision():
+    from valle_cli.training.loop import autocast_dtype
+
+    assert autocast_dtype("auto", "cpu") is None and autocast_dtype("fp32", "cpu") is None
+    assert autocast_dtype("bf16", "cpu") is torch.bfloat16
+    assert autocast_dtype("fp32", "cuda") is None

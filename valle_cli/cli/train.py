@@ -110,7 +110,8 @@ EvalEvery = flag(int, "Evaluate on the validation split every N steps.", T.eval_
 SaveEvery = flag(int, "Save a checkpoint every N steps.", T.save_every)
 KeepLast = flag(int, "Checkpoints kept (plus the best; 0 = all).", T.keep_last)
 LogEvery = flag(int, "Write a log line every N steps.", T.log_every)
-PrecisionFlag = flag(Precision, "bf16 autocast on GPU (auto) or fp32.", T.precision)
+PrecisionFlag = flag(Precision, "auto: bf16 autocast on a GPU that has it, else fp32; bf16 on a CPU too "
+                     "(fast with AVX512-BF16 / AMX).", T.precision)
 AttentionFlag = flag(Attention, "Attention kernel.", ModelConfig.attention)
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
 Checkpointing = Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in the "

@@ -49,7 +49,7 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 (a CPU too) | fp32
     compile: bool = False
     nan_patience: int = 5  # stop after this many non-finite steps in a row
     n_buckets: int = 16
