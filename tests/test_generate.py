@@ -405,3 +405,24 @@ def test_the_codes_encoder_and_the_prompts_read_codes_the_same_way(tiny_run, esp
         bad = formats.read_codes(npz)
         bad.codes[0, 0] = 64  # the tiny codec has 64 codes
         encoder._synth.codes_of(formats.codes_to_bytes(bad))
+
+
+def test_int8_weights_sample_from_a_checkpoint_in_the_library_and_the_cli(tiny_run, espeak_corpus, tmp_path):
+    from conftest import run_valle
+
+    from valle_cli.generation.synthesizer import Synthesizer
+    from valle_cli.model.int8 import Int8Linear
+    from valle_cli.model.load import prepare_for_decoding
+
+    synth = Synthesizer.load(tiny_run / "run", quantize="int8")
+    assert any(isinstance(m, Int8Linear) for m in synth.model.modules())
+    assert synth.model.backbone.layers[0].attention.wqkv is not None  # fused, then quantized
+    prompt = sorted((espeak_corpus / "spk00").glob("*.wav"))[0]
+    codes = synth.tts("Hello there.", [prompt], replace(GREEDY, max_frames=10), seed=0)
+    assert codes.codes.shape[0] == synth.model.config.n_codebooks and 1 <= codes.codes.shape[1] <= 10
+    with pytest.raises(InputError, match="--quantize 'int4': expected none | int8"):
+        prepare_for_decoding(synth.model, "int4")
+    res = run_valle("sample", tiny_run / "run", "--text", "Hello.", "--prompt", prompt, "-o", tmp_path / "x.npz",
+                    "--device", "cpu", "--quantize", "int8", "--max-seconds", "0.3", "--seed", "0")
+    assert res.returncode == 0, res.stderr.decode()
+    assert formats.read_codes(tmp_path / "x.npz").codes.shape[0] == synth.model.config.n_codebooks

@@ -302,3 +302,35 @@ def test_meta_build_then_to_empty_gets_real_rope_tables() -> None:
     reference = Transformer(DENSE)
     close(model.rope.cos, reference.rope.cos, atol=0.0)
     close(model.rope.sin, reference.rope.sin, atol=0.0)
+
+
+@CONFIGS
+@torch.no_grad()
+def test_fused_projections_give_the_same_outputs_and_a_decoding_layout(config: ModelConfig) -> None:
+    model = model_for(config)
+    x, pos = inputs(2, 7)
+    expected = model(x, pos).hidden
+    fused = model.fuse_projections()
+    dense_ffns = sum(not layer.is_moe for layer in model.layers)
+    assert fused == 2 * config.n_layers + dense_ffns and model.fuse_projections() == 0  # once only
+    names = set(model.state_dict())
+    assert "layers.0.attention.wqkv.weight" in names and "layers.0.attention.wq.weight" not in names
+    close(model(x, pos).hidden, expected)
+    cache = model.new_cache(2, 12)  # and decoding against a cache
+    model(x[:, :5], pos[:, :5], cache=cache)
+    close(model(x[:, 5:], pos[:, 5:], cache=cache).hidden, expected[:, 5:])
+
+
+def test_rope_rotates_pairs_half_a_head_apart() -> None:
+    from valle_cli.model.transformer import RotaryEmbedding, apply_rope
+
+    rope = RotaryEmbedding(DENSE)
+    x = torch.randn(1, 2, 3, DENSE.head_dim)
+    pos = torch.tensor([[0, 5, 40]])
+    cos, sin = rope(pos)
+    half = DENSE.head_dim // 2
+    angles = pos[0, :, None].double() * rope_frequencies(DENSE)[None]  # (T, Dh/2)
+    c, s = angles.cos().float(), angles.sin().float()
+    x1, x2 = x[..., :half], x[..., half:]
+    close(apply_rope(x, cos, sin), torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1))
+    close(apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1))  # a rotation: norms kept

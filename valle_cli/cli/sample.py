@@ -125,6 +125,11 @@ class Mode(str, Enum):
     nar_len = "nar-len"
 
 
+class Quantize(str, Enum):  # model.load.QUANTIZE
+    none = "none"
+    int8 = "int8"
+
+
 def command(
     ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint folder or a run folder (valle train).")],
@@ -156,6 +161,8 @@ def command(
                                                 "chunk (a score-chunks parquet of its source).")] = None,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the AR one-frame step (transformer "
                                            "arch; pays off on a GPU for long outputs).")] = False,
+    quantize: Annotated[Quantize, typer.Option(help="int8: weight-only int8 linear layers (faster decoding on a "
+                                               "CPU; outputs differ a little from fp32).")] = Quantize.none,
     infill_suffix: Annotated[list[Path] | None, typer.Option(help="No text: generate the middle between the "
                                                              "--prompt (prefix) and this audio (suffix).")] = None,
     best: Annotated[bool, typer.Option("--best", help="Use the run's best checkpoint, not its last.")] = False,
@@ -180,7 +187,8 @@ def command(
         check_manifest_outputs(manifest, out)
     if manifest is None and skip_existing(out, overwrite):
         return
-    synth = Synthesizer.load(checkpoint, resolve_device(device), which="best" if best else "last")
+    synth = Synthesizer.load(checkpoint, resolve_device(device), which="best" if best else "last",
+                             quantize=quantize.value)
     config, max_seconds = generation_settings(synth.sampling_defaults(), flags)
     config = replace(config, compile=compile_, max_frames=max(1, int(round(max_seconds * synth.frame_rate))))
     Log.detail(f"checkpoint {synth.folder} (step {synth.meta['step']}, {synth.meta['model']['arch']}, "

@@ -79,11 +79,15 @@ class Synthesizer:
     _codec: Any = None
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str = "cpu", which: str = "last") -> Synthesizer:
-        from valle_cli.model.load import load_model
+    def load(cls, path: str | os.PathLike[str], device: str = "cpu", which: str = "last",
+             quantize: str = "none") -> Synthesizer:
+        """The checkpoint's model, ready to sample; ``quantize="int8"``: int8 weights (see
+        model.load.prepare_for_decoding)."""
+        from valle_cli.model.load import load_model, prepare_for_decoding
 
         folder = ckpt.resolve_checkpoint(path, which)
         model, meta = load_model(folder, device)
+        prepare_for_decoding(model, quantize)
         return cls(model=model, meta=meta, folder=folder, device=device)
 
     # -- the codec and its files

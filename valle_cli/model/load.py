@@ -27,6 +27,31 @@ def load_model(path: str | os.PathLike[str], device: str = "cpu", which: str = "
     return model.to(device).eval(), meta
 
 
+QUANTIZE = ("none", "int8")
+
+
+def prepare_for_decoding(model: Any, quantize: str = "none") -> list[str]:
+    """Make a loaded CodecLM faster to sample from, in place; returns what was done, for the log.
+
+    ``int8``: the native backbone's q/k/v and gate/up projections fused into one matrix each (measured:
+    a gain only with int8 weights; in fp32 the fused products ran slower on one CPU core), then every
+    linear layer of the backbone and heads as weight-only int8 (model/int8.py). ``none`` changes
+    nothing. Inference only: the state_dict of the result is not a checkpoint's.
+    """
+    from valle_cli.model.int8 import quantize_int8
+    from valle_cli.model.transformer import Transformer
+
+    if quantize not in QUANTIZE:
+        raise InputError(f"--quantize {quantize!r}: expected {' | '.join(QUANTIZE)}")
+    if quantize == "none":
+        return []
+    done = []
+    if isinstance(model.backbone, Transformer):
+        done.append(f"{model.backbone.fuse_projections()} projections fused")
+    done.append(f"{len(quantize_int8(model))} linear layers as int8")
+    return done
+
+
 def load_into(model: Any, weights: dict[str, Any], source: str) -> None:
     """Load weights by name; every tensor must be present with the same shape (one clear message if not)."""
     own = model.state_dict()

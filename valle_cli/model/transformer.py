@@ -48,10 +48,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # normalise in float32: the mean of squares overflows / loses precision in fp16 / bf16
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        # normalise in float32 (the mean of squares overflows / loses precision in fp16 / bf16), in one
+        # fused op rather than five small ones: a decode step runs 2 n_layers + 1 of these
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
 
 
 # -- rotary position embeddings
@@ -76,7 +75,11 @@ def rope_frequencies(config: ModelConfig) -> Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables (max_positions, Dh/2) float32, looked up by an explicit positions tensor.
+    """cos/sin tables (max_positions, Dh) float32, looked up by an explicit positions tensor.
+
+    Laid out for ``apply_rope``'s three ops: ``cos`` is the angles' cosines twice over, ``sin`` their
+    sines negated for the first half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) is then
+    ``x * cos + roll(x, Dh/2) * sin``.
 
     The tables are derived data (non-persistent buffers, never in a checkpoint), so they are rebuilt
     whenever the module is moved or cast: ``model.to(bfloat16)`` keeps them float32 (bf16 cos/sin are
@@ -95,7 +98,8 @@ class RotaryEmbedding(nn.Module):
         # float64 on the CPU (positions * frequency reaches thousands of radians), then moved
         positions = torch.arange(self.config.max_positions, dtype=torch.float64, device="cpu")
         angles = positions[:, None] * rope_frequencies(self.config)  # (P, Dh/2)
-        return angles.cos().float().to(device), angles.sin().float().to(device)
+        cos, sin = angles.cos(), angles.sin()
+        return torch.cat((cos, cos), -1).float().to(device), torch.cat((-sin, sin), -1).float().to(device)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RotaryEmbedding:
         super()._apply(fn, recurse)
@@ -103,14 +107,14 @@ class RotaryEmbedding(nn.Module):
         return self
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """positions (B, T) long -> cos, sin (B, 1, T, Dh/2) float32, broadcasting over heads."""
+        """positions (B, T) long -> cos, sin (B, 1, T, Dh) float32, broadcasting over heads."""
         return self.cos[positions][:, None], self.sin[positions][:, None]
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (x_i, x_{i + Dh/2}) pairs: x (B, H, T, Dh), cos/sin (B, 1, T, Dh/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+    """Rotate (x_i, x_{i + Dh/2}) pairs: x (B, H, T, Dh), cos/sin (B, 1, T, Dh) of ``RotaryEmbedding``."""
+    xf = x.float()
+    return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin).type_as(x)
 
 
 # -- attention, feed-forward, mixture of experts
@@ -124,6 +128,7 @@ class Attention(nn.Module):
         self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wqkv: nn.Module | None = None  # fuse_projections(): wq, wk, wv as one matrix, for decoding
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
@@ -138,9 +143,13 @@ class Attention(nn.Module):
                 kv: tuple[Tensor, Tensor, int] | None = None) -> Tensor:
         """x (B, T, D); mask (B|1, 1, T, S) or None = causal; kv = (k_buf, v_buf, start) of a cache."""
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        if self.wqkv is not None:
+            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, *[self.n_kv_heads * self.head_dim] * 2], -1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
@@ -159,6 +168,15 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.dropout(self.wo(y))
 
+    def fuse_projections(self) -> bool:
+        """Replace wq, wk, wv by one matrix wqkv (one matrix product instead of three per call); for
+        decoding, where the step is bound by reading the weights. Plain nn.Linear only (not LoRA)."""
+        if self.wqkv is not None or not plain_linears(self.wq, self.wk, self.wv):
+            return False
+        self.wqkv = fused_linear(self.wq, self.wk, self.wv)
+        del self.wq, self.wk, self.wv
+        return True
+
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
@@ -168,10 +186,36 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w13: nn.Module | None = None  # fuse_projections(): w1 and w3 as one matrix, for decoding
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)  # (B, T, F) each
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.dropout(self.w2(F.silu(gate) * up))
+
+    def fuse_projections(self) -> bool:
+        """Replace w1 and w3 by one matrix w13 (see Attention.fuse_projections)."""
+        if self.w13 is not None or not plain_linears(self.w1, self.w3):
+            return False
+        self.w13 = fused_linear(self.w1, self.w3)
+        del self.w1, self.w3
+        return True
+
+
+def plain_linears(*modules: nn.Module) -> bool:
+    """Bias-free nn.Linear layers, nothing wrapped (LoRA) or quantized: what fused_linear can join."""
+    return all(type(m) is nn.Linear and m.bias is None for m in modules)
+
+
+def fused_linear(*linears: nn.Linear) -> nn.Linear:
+    """One bias-free nn.Linear whose output is the given ones' outputs side by side."""
+    weight = torch.cat([m.weight.detach() for m in linears], dim=0)  # (sum of outputs, D)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    fused.weight.data.copy_(weight)
+    return fused.requires_grad_(any(m.weight.requires_grad for m in linears))
 
 
 class MoE(nn.Module):
@@ -326,6 +370,17 @@ class Transformer(nn.Module):
             is_out = name.endswith(("wo.weight", "w2.weight")) or name.endswith("feed_forward.w2")
             nn.init.normal_(p, mean=0.0, std=out_std if is_out else std)
 
+    def fuse_projections(self) -> int:
+        """Fuse every layer's q/k/v and gate/up projections for decoding (an inference-only layout: the
+        state_dict changes, so fuse after loading a checkpoint, never before saving one). Returns the
+        matrices fused away; the outputs are the unfused model's up to float rounding."""
+        fused = 0
+        for layer in self.layers:
+            fused += 2 * layer.attention.fuse_projections()
+            if not layer.is_moe:
+                fused += layer.feed_forward.fuse_projections()
+        return fused
+
     def new_cache(self, batch: int, max_len: int, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
         c = self.config
@@ -356,7 +411,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"the KV cache is full: {start} cached + {t} new tokens > max_len {cache.max_len}")
         backend = resolve_backend(c.attention, x.device)
 
-        cos, sin = self.rope(positions)  # (B, 1, T, Dh/2)
+        cos, sin = self.rope(positions)  # (B, 1, T, Dh)
         local_mask = None
         if c.attention_chunk > 0:
             full = causal_mask(t, s, x.device)[None, None] if mask is None else mask  # (B|1, 1, T, S)
