@@ -31,16 +31,20 @@ default demasking sampler with CFG 2.5 for NAR-len). One short untimed run per m
    of the same lengths): ms per step, frames/s of one row and of all rows together.
 
 Timers synchronise CUDA. ``--dtype`` bf16 / fp16 run under ``torch.autocast`` (bf16 is the default
-on CUDA, as ``valle sample`` runs; fp32 on CPU). ``--compile`` wraps the backbone forward of the
-one-token cached decode step in ``torch.compile`` (prefill, NAR and no-cache passes stay eager);
-if compiling fails the reason is printed and the run goes on uncompiled. On CPU the default is one
-thread (``--threads``; 0 keeps torch's default): the decode step is made of small ops that gain
+on CUDA, as ``valle sample`` runs; fp32 on CPU). The AR step: ``--fixed-shape`` runs the fixed-shape
+step eagerly (the whole cache under a mask), ``--compile`` compiles it with ``fullgraph=True`` (CUDA
+graphs on a GPU; every new output length or batch size is run once untimed first, as it compiles a
+new graph); prefill, NAR and no-cache passes stay eager. ``--quantize int8`` fuses the projections
+and makes every linear layer weight-only int8, as ``valle sample --quantize int8``. On CPU the default
+is one thread (``--threads``; 0 keeps torch's default): the decode step is made of small ops that gain
 little from more, and on a shared machine OpenMP threads spinning on busy cores made them up to
 100x slower. A configuration that fails prints its error as a row.
 
-Goals on a GPU (``--preset full``): AR ms/frame at 30 s / at 3 s <= 1.2; cache speed-up >= 30x at
-30 s; RTF <= 0.1 for AR + NAR and <= 0.03 for NAR-len. Random weights: the speed does not depend
-on them. No asserts.
+Goals: on one CPU core at the small preset, AR <= 2.5 ms/frame at 10 s and flat (<= 1.2x) from 1 s
+to 30 s; NAR passes for 3 s <= half of what they took before the prefix was shared. On a GPU
+(``--preset full``): AR ms/frame at 30 s / at 3 s <= 1.2; cache speed-up >= 30x at 30 s; RTF <= 0.1
+for AR + NAR and <= 0.03 for NAR-len. Random weights: the speed does not depend on them (the
+quality cost of int8 is measured on a trained model, ``benchmarks/int8_agreement.py``). No asserts.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -69,6 +73,7 @@ from valle_cli.generation.generate import (
     sample_tokens,
 )
 from valle_cli.model.config import ARCHES, PRESETS, ModelConfig, preset
+from valle_cli.model.load import QUANTIZE, prepare_for_decoding
 from valle_cli.model.masks import decode_step_mask, prefix_bidirectional_mask
 from valle_cli.model.valle import Batch, CodecLM, count_parameters
 
@@ -116,39 +121,15 @@ def autocast_context(device: str, dtype: str) -> Callable[[], contextlib.Abstrac
     return lambda: torch.autocast(device.split(":")[0], dtype=low)
 
 
-def compile_decode_step(model: CodecLM) -> Callable[[], str | None]:
-    """torch.compile the backbone forward of one-token cached calls; returns a probe of the failure (None: fine)."""
-    backbone = model.backbone
-    eager = backbone.forward
-    failure: list[str] = []
-    try:
-        compiled = torch.compile(eager, dynamic=True)
-    except Exception as e:
-        failure.append(f"{type(e).__name__}: {e}".splitlines()[0][:200])
-        print(f"  --compile failed, continuing uncompiled: {failure[0]}")
-        return lambda: failure[0]
-
-    def forward(x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None, cache: Any = None,
-                **kwargs: Any) -> Any:
-        if cache is None or x.shape[1] != 1 or failure:
-            return eager(x, positions, mask, cache, **kwargs)
-        try:
-            return compiled(x, positions, mask, cache, **kwargs)
-        except Exception as e:  # a compiler error surfaces on the first call: report it, then stay eager
-            failure.append(f"{type(e).__name__}: {e}".splitlines()[0][:200])
-            print(f"  --compile failed, continuing uncompiled: {failure[0]}")
-            return eager(x, positions, mask, cache, **kwargs)
-
-    backbone.forward = forward
-    return lambda: failure[0] if failure else None
-
-
 @dataclass
 class Bench:
     model: CodecLM
     device: str
     autocast: Callable[[], contextlib.AbstractContextManager[Any]]
     seed: int
+    fixed_shape: bool = False  # the fixed-shape AR step (GenerateConfig.fixed_shape)
+    compile: bool = False  # compiled (fullgraph; implies the fixed shape)
+    warmed: set[tuple[int, int]] = field(default_factory=set)  # compiled: (rows, frames) already run once
 
     def sync(self) -> None:
         if self.device.startswith("cuda"):
@@ -171,7 +152,12 @@ class Bench:
 
     def ar(self, requests: list[Request], frames: int, use_cache: bool = True) -> tuple[float, int, list[np.ndarray]]:
         """(seconds, AR steps, level-0 codes) of one AR pass of ``frames`` frames."""
-        config = GenerateConfig(mode="ar+nar", max_frames=frames, ar=AR_SAMPLER, use_cache=use_cache)
+        config = GenerateConfig(mode="ar+nar", max_frames=frames, ar=AR_SAMPLER, use_cache=use_cache,
+                                fixed_shape=self.fixed_shape, compile=self.compile)
+        if self.compile and use_cache and (len(requests), frames) not in self.warmed:
+            with torch.inference_mode(), self.autocast():  # untimed: a new cache length compiles a new graph
+                generate_ar(self.model, requests, config, self.generator())
+            self.warmed.add((len(requests), frames))
         stats, times = GenerateStats(), []
         with self.timer(times):
             level0 = generate_ar(self.model, requests, config, self.generator(), stats)
@@ -406,7 +392,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per single-step cost")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                         help="autocast dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the one-token cached decode step")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the fixed-shape AR step (fullgraph; CUDA graphs on a GPU)")
+    parser.add_argument("--fixed-shape", action="store_true", help="the fixed-shape AR step, eager")
+    parser.add_argument("--quantize", default="none", choices=list(QUANTIZE),
+                        help="int8: fused projections and weight-only int8 linear layers (model.load)")
     parser.add_argument("--moe-experts", type=int, default=8, help="routed experts of mixtral")
     parser.add_argument("--moe-top-k", type=int, default=2)
     parser.add_argument("--threads", type=int, help="CPU threads (default: 1 on CPU; 0: torch's default)")
@@ -427,7 +417,8 @@ def main() -> None:
         args.dtype = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     seconds = sorted(set(args.seconds))
     label = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device: {label}; torch {torch.__version__}; {args.dtype}; compile {'on' if args.compile else 'off'}")
+    step = "compiled fixed-shape" if args.compile else ("fixed-shape" if args.fixed_shape else "dynamic")
+    print(f"device: {label}; torch {torch.__version__}; {args.dtype}; weights {args.quantize}; AR step {step}")
     print(f"request: {TEXT_TOKENS} text tokens, a {PROMPT_FRAMES / FRAME_RATE:g} s prompt ({PROMPT_FRAMES} frames "
           f"x {N_CODEBOOKS} levels of {CODEBOOK_SIZE} codes, {FRAME_RATE:g} frames/s); AR never stops early")
 
@@ -438,14 +429,11 @@ def main() -> None:
             model = build_model(model_config(arch, args), device, args.seed)
             params = count_parameters(model)
             print(f"{params['total'] / 1e6:.1f}M parameters ({params['backbone'] / 1e6:.1f}M backbone)")
-            compile_probe = compile_decode_step(model) if args.compile else None
-            bench = Bench(model, device, autocast_context(device, args.dtype), args.seed)
+            prepare_for_decoding(model, args.quantize)
+            bench = Bench(model, device, autocast_context(device, args.dtype), args.seed, args.fixed_shape,
+                          args.compile)
             warm = warm_up(bench, "nar-len" not in args.skip)
-            note = ""
-            if compile_probe is not None:
-                failure = compile_probe()
-                note = f" (compile failed: {failure})" if failure else " (compiling the decode step)"
-            print(f"warm-up: {warm:.1f} s{note}\n")
+            print(f"warm-up: {warm:.1f} s{' (compiling the decode step)' if args.compile else ''}\n")
         except Exception as e:
             print(fmt_error(e))
             recover(device)

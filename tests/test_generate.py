@@ -426,3 +426,17 @@ def test_int8_weights_sample_from_a_checkpoint_in_the_library_and_the_cli(tiny_r
                     "--device", "cpu", "--quantize", "int8", "--max-seconds", "0.3", "--seed", "0")
     assert res.returncode == 0, res.stderr.decode()
     assert formats.read_codes(tmp_path / "x.npz").codes.shape[0] == synth.model.config.n_codebooks
+
+
+@pytest.mark.parametrize("cfg", [0.0, 1.5], ids=["plain", "cfg"])
+def test_the_fixed_shape_step_gives_the_dynamic_steps_tokens(cfg):
+    model = model_for(seed=3)
+    with torch.no_grad():
+        model.head_ar.bias[V] = -100.0
+    reqs = [request(0), request(1, text=3, prompt=5)]  # padded rows
+    config = replace(GREEDY, max_frames=20, ar=SamplingParams(temperature=0.0, cfg_strength=cfg))
+    dynamic = generate_ar(model, reqs, config)
+    fixed = generate_ar(model, reqs, replace(config, fixed_shape=True))
+    assert all(np.array_equal(a, b) for a, b in zip(dynamic, fixed, strict=True))
+    with pytest.raises(InputError, match="--compile needs --arch transformer"):
+        generate_ar(model_for("llama"), reqs, replace(GREEDY, fixed_shape=True))

@@ -334,3 +334,30 @@ def test_rope_rotates_pairs_half_a_head_apart() -> None:
     x1, x2 = x[..., :half], x[..., half:]
     close(apply_rope(x, cos, sin), torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1))
     close(apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1))  # a rotation: norms kept
+
+
+@CONFIGS
+@torch.no_grad()
+def test_fixed_shape_decode_steps_match_the_full_forward(config: ModelConfig) -> None:
+    """Transformer.decode: keys written at tensor slots, every query over the whole (larger) cache under a mask."""
+    model = model_for(config)
+    x, pos = inputs(2, 12)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :3] = False  # a left-padded row: its padding stays masked out
+    full = model(x, pos, prefix_bidirectional_mask(valid, torch.full((2,), 12)), token_mask=valid).hidden
+    max_len = 20  # more slots than the sequence: the empty ones are masked, never read
+    cache = model.new_cache(2, max_len)
+    outs = [model(x[:, :5], pos[:, :5], prefix_bidirectional_mask(valid[:, :5], torch.full((2,), 5)),
+                  cache=cache).hidden]
+    filled = torch.zeros(2, max_len, dtype=torch.bool)
+    filled[:, :5] = valid[:, :5]
+    for s in range(5, 12):
+        filled[:, s] = True
+        slots = torch.tensor([s])
+        outs.append(model.decode(x[:, s:s + 1], pos[:, s:s + 1], slots, filled[:, None, None, :], cache))
+    got = torch.cat(outs, dim=1)
+    close(got[0], full[0])
+    close(got[1, 3:], full[1, 3:])
+    assert cache.length == 5  # decode leaves the count to its caller
+    with pytest.raises(ValueError, match="do not fit"):
+        model.decode(x[:, :1], pos[:, :1], torch.tensor([12]), filled[:, None, None, :12], cache)

@@ -160,26 +160,38 @@ def _response_logits(head: Callable[[Tensor], Tensor], hidden: Tensor, batch: Ba
 # ----------------------------------------------------------------------------- AR (level 0)
 
 
-def step_function(model: CodecLM, compile: bool) -> Callable[..., Tensor]:
-    """``step(x (B, 1, D), positions (B, 1), mask (B, 1, 1, S), cache) -> hidden (B, 1, D)``, compiled once per model.
+CACHE_BUCKET = 256  # fixed-shape decoding: cache lengths rounded up to a multiple of this (fewer recompiles)
 
-    Compiling needs the native backbone (its KV cache is plain tensors; the HF caches are not
-    traceable objects). The cache is an argument, not a closure, so its length stays symbolic and
-    one compiled graph serves every step (dynamic shapes).
+
+def step_function(model: CodecLM, config: GenerateConfig) -> Callable[..., Tensor]:
+    """The one-frame cached AR step, ``hidden (B, 1, D)`` of the new frame.
+
+    Dynamic shapes (the default): ``step(x (B, 1, D), positions (B, 1), mask (B, 1, 1, S) | None, cache)``,
+    attending over the filled slots only (``Transformer.forward``), cheapest eagerly. Fixed shape
+    (``config.fixed_shape`` or ``config.compile``): ``step(x, positions, slots (1,), mask (B, 1, 1, max_len),
+    cache)`` (``Transformer.decode``). Compiled, it is traced once with ``fullgraph=True`` (a graph break is an
+    error, not a slow path), and on CUDA with ``mode="reduce-overhead"``: CUDA graphs replay the whole step.
+    Both need the native backbone (its cache is plain tensors; HF caches are not traceable objects).
     """
     backbone = model.backbone
+    if not (config.compile or config.fixed_shape):
+        def step(x: Tensor, positions: Tensor, mask: Tensor | None, cache: Any) -> Tensor:
+            return backbone(x, positions, mask, cache=cache).hidden
 
-    def step(x: Tensor, positions: Tensor, mask: Tensor, cache: Any) -> Tensor:
-        return backbone(x, positions, mask, cache=cache).hidden
-
-    if not compile:
         return step
     if model.config.arch != "transformer":
         raise InputError(f"--compile needs --arch transformer (the {model.config.arch} backbone's cache is not "
                          "compilable); sample without --compile")
+
+    def fixed(x: Tensor, positions: Tensor, slots: Tensor, mask: Tensor, cache: Any) -> Tensor:
+        return backbone.decode(x, positions, slots, mask, cache)
+
+    if not config.compile:
+        return fixed
     compiled = getattr(model, "_compiled_step", None)
     if compiled is None:
-        compiled = torch.compile(step, dynamic=True)
+        cuda = next(model.parameters()).is_cuda
+        compiled = torch.compile(fixed, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None)
         model._compiled_step = compiled  # type: ignore[attr-defined]  # built once, reused by every call
     return compiled
 
@@ -190,15 +202,16 @@ class ARDecoder:
     n null-condition rows). ``h`` (B, D) is the hidden state the next frame is read from."""
 
     model: CodecLM
-    step: Callable[..., Tensor]  # the one-frame cached step (see step_function)
+    step: Callable[..., Tensor] | None  # the one-frame cached step (see step_function); None without a cache
     cache: Any  # the backbone's KV cache; None: recompute the whole sequence every frame
-    valid: Tensor  # (B, S0 + max_frames) bool: the filled, non-padding slots
+    valid: Tensor  # (B, cache slots) bool: the filled, non-padding slots
     prefix_len: int  # S0: the padded prefix length
     next_position: Tensor  # (B,) position of each row's next frame
     step_needs_mask: bool  # padded rows need a step mask; without padding plain causal attention (flash) runs
     h: Tensor  # (B, D)
     seq_x: Tensor | None  # without a cache: the whole sequence so far (B, S, D)
     seq_pos: Tensor | None  # and its positions (B, S)
+    slot: Tensor | None = None  # fixed shape: (1,) the cache slot of the next frame, advanced in place
 
     def feed(self, token: Tensor, t: int) -> None:
         """Append frame ``t`` (token (B,)) to every row and move ``h`` to it."""
@@ -207,7 +220,10 @@ class ARDecoder:
         self.valid[:, s - 1] = True
         # (B, 1); a row that ended at its context limit stays finished: hold it at the last position
         positions = self.next_position[:, None].clamp_max(self.model.config.max_positions - 1)
-        if self.cache is not None:
+        if self.slot is not None:  # the whole cache under the mask: the same shapes every step
+            self.h = self.step(x, positions, self.slot, self.valid[:, None, None, :], self.cache)[:, 0]
+            self.slot += 1
+        elif self.cache is not None:
             mask = decode_step_mask(self.valid[:, :s], 1) if self.step_needs_mask else None
             self.h = self.step(x, positions, mask, self.cache)[:, 0]
         else:  # recompute everything, as e-c-k-e-r/vall-e does
@@ -227,19 +243,27 @@ def ar_prefill(model: CodecLM, requests: list[Request], config: GenerateConfig, 
     b, s0 = batch.segment.shape
     valid_prefix = batch.segment != tasks.PAD  # (B, S0)
     last = valid_prefix.sum(1) - 1  # (B,) each row's last prefix slot
-    valid = torch.zeros(b, s0 + config.max_frames, dtype=torch.bool, device=device)
+    fixed = config.use_cache and (config.fixed_shape or config.compile)
+    slots = s0 + config.max_frames
+    if fixed:  # one cache length for many requests, so a compiled step is reused
+        slots = -(-slots // CACHE_BUCKET) * CACHE_BUCKET
+    valid = torch.zeros(b, slots, dtype=torch.bool, device=device)
     valid[:, :s0] = valid_prefix
     x = model.embed(batch)  # (B, S0, D)
-    step = step_function(model, config.compile and config.use_cache)
+    step = step_function(model, config) if config.use_cache else None
     mask = prefix_bidirectional_mask(valid_prefix, batch.bidir_start)
     cache = None
     if config.use_cache:
-        cache = model.backbone.new_cache(b, s0 + config.max_frames, device, _cache_dtype(x, device))
+        cache = model.backbone.new_cache(b, slots, device, _cache_dtype(x, device))
+        if fixed and config.compile and device.type == "cuda":  # CUDA graphs: the cache keeps its addresses
+            for buffer in (*cache.k, *cache.v):
+                torch._dynamo.mark_static_address(buffer)
     hidden = model.backbone(x, batch.positions, mask, cache=cache).hidden  # (B, S0, D)
     return ARDecoder(model=model, step=step, cache=cache, valid=valid, prefix_len=s0,
                      next_position=batch.positions.gather(1, last[:, None]).squeeze(1) + 1,
                      step_needs_mask=not bool(valid_prefix.all()), h=hidden[torch.arange(b, device=device), last],
-                     seq_x=None if config.use_cache else x, seq_pos=None if config.use_cache else batch.positions)
+                     seq_x=None if config.use_cache else x, seq_pos=None if config.use_cache else batch.positions,
+                     slot=torch.full((1,), s0, dtype=torch.long, device=device) if fixed else None)
 
 
 def _cache_dtype(x: Tensor, device: torch.device) -> torch.dtype:

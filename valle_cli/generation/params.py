@@ -49,7 +49,9 @@ class GenerateConfig:
     sync_every: int = 16  # AR: check for all-finished rows every N steps (one host sync)
     # False: recompute the whole sequence every AR step, as e-c-k-e-r/vall-e does (the benchmarks compare)
     use_cache: bool = True
-    compile: bool = False  # torch.compile the one-frame AR step (native transformer backbone only)
+    # AR: the fixed-shape cached step (the whole cache under a mask, Transformer.decode); compile implies it
+    fixed_shape: bool = False
+    compile: bool = False  # torch.compile the fixed-shape AR step, fullgraph (native transformer backbone only)
 
 
 # ----------------------------------------------------------------------------- settings by name

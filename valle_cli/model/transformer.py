@@ -18,10 +18,11 @@ The caller owns the embeddings and output heads (``model/__init__.py`` describes
   gates renormalised over the chosen k, experts as stacked weight tensors, an always-on shared expert,
   and a Switch-style load-balancing loss returned as ``aux_loss``.
 * KV cache: per-layer buffers (B, Hkv, max_len, Dh) allocated once and written in place, so decoding
-  allocates no new cache memory per step. Each step attends over the filled slots only, a view
-  (B, Hkv, length + T, Dh), so the attention shapes grow by one every step: ``torch.compile`` copes
-  with dynamic shapes (see ``generation.generate.step_function``), CUDA graphs, which need fixed
-  shapes, cannot capture the step.
+  allocates no new cache memory per step. ``forward`` attends over the filled slots only, a view
+  (B, Hkv, length + T, Dh), so the attention shapes grow by one every step (cheapest eagerly).
+  ``decode`` is the fixed-shape step: keys written at slot indices given as a tensor, every query
+  attending over the whole buffer under a mask, so nothing changes shape from step to step and
+  ``torch.compile(fullgraph=True)`` / CUDA graphs capture it once (``generation.generate.step_function``).
 """
 
 from __future__ import annotations
@@ -140,8 +141,12 @@ class Attention(nn.Module):
         self.probed: Tensor | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, backend: str,
-                kv: tuple[Tensor, Tensor, int] | None = None) -> Tensor:
-        """x (B, T, D); mask (B|1, 1, T, S) or None = causal; kv = (k_buf, v_buf, start) of a cache."""
+                kv: tuple[Tensor, Tensor, int | Tensor] | None = None) -> Tensor:
+        """x (B, T, D); mask (B|1, 1, T, S) or None = causal; kv = (k_buf, v_buf, start) of a cache.
+
+        ``start`` an int: the new keys go to slots [start, start + T) and the queries attend over the
+        filled slots [0, start + T). A (T,) long tensor of slots: the fixed-shape step (Transformer.decode),
+        which writes there and attends over the whole buffer, S = max_len, under the mask."""
         b, t, _ = x.shape
         if self.wqkv is not None:
             q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, *[self.n_kv_heads * self.head_dim] * 2], -1)
@@ -159,11 +164,15 @@ class Attention(nn.Module):
             kv_heads = k[:, [i * self.n_kv_heads // self.n_heads for i in range(h)]]  # (B, h, T, Dh)
             self.probed = attention_probs(q[:, :h], kv_heads, mask, causal=mask is None)  # (B, h, T, T)
         if kv is not None:
-            # write the new keys / values in place at [start, start + T), then read [0, start + T)
             k_buf, v_buf, start = kv
-            k_buf[:, :, start:start + t].copy_(k)
-            v_buf[:, :, start:start + t].copy_(v)
-            k, v = k_buf[:, :, :start + t], v_buf[:, :, :start + t]  # (B, Hkv, S, Dh) views
+            if isinstance(start, Tensor):  # fixed shape: write at the slots, read the whole buffer
+                k_buf.index_copy_(2, start, k)
+                v_buf.index_copy_(2, start, v)
+                k, v = k_buf, v_buf  # (B, Hkv, max_len, Dh)
+            else:  # write the new keys / values in place at [start, start + T), then read [0, start + T)
+                k_buf[:, :, start:start + t].copy_(k)
+                v_buf[:, :, start:start + t].copy_(v)
+                k, v = k_buf[:, :, :start + t], v_buf[:, :, :start + t]  # (B, Hkv, S, Dh) views
         y = attend(q, k, v, mask=mask, causal=mask is None, backend=backend)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.dropout(self.wo(y))
@@ -431,3 +440,28 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length = s
         return BackboneOutput(hidden=self.norm(x), aux_loss=aux * c.router_aux_loss)
+
+    def decode(self, x: Tensor, positions: Tensor, slots: Tensor, mask: Tensor, cache: KVCache) -> Tensor:
+        """The fixed-shape decode step (gpt-fast's layout): hidden states (B, T, D) of T new tokens.
+
+        x (B, T, D), positions (B, T) long, slots (T,) long: the cache slots the new keys / values go to,
+        mask (B|1, 1, T, max_len) bool over the whole cache (True = may attend; the caller marks the filled
+        slots, these included). Every query attends over all ``cache.max_len`` slots, so no shape and no
+        Python value changes from one step to the next: ``torch.compile(fullgraph=True)`` traces it once
+        and CUDA graphs can replay it. ``cache.length`` is the caller's to keep (untouched here).
+        """
+        c = self.config
+        b, t, _ = x.shape
+        if mask.shape[-2:] != (t, cache.max_len) or slots.shape != (t,) or cache.batch != b:
+            raise ValueError(f"decode: mask {tuple(mask.shape)} / slots {tuple(slots.shape)} do not fit "
+                             f"{t} new tokens of batch {b} and a cache of {cache.batch} x {cache.max_len} slots")
+        backend = resolve_backend(c.attention, x.device)
+        cos, sin = self.rope(positions)  # (B, 1, T, Dh)
+        local_mask = None
+        if c.attention_chunk > 0:  # the RoPE layers see only the query's chunk of slots (as chunked_local)
+            chunk_of_key = torch.arange(cache.max_len, device=x.device) // c.attention_chunk  # (max_len,)
+            local_mask = mask & ((slots // c.attention_chunk)[:, None] == chunk_of_key[None, :])
+        for i, layer in enumerate(self.layers):
+            layer_mask = local_mask if local_mask is not None and c.uses_rope(i) else mask
+            x, _ = layer(x, cos, sin, layer_mask, backend, (cache.k[i], cache.v[i], slots))
+        return self.norm(x)
