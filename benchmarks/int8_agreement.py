@@ -46,7 +46,8 @@ def teacher_forced_argmax(model: CodecLM, request: Request, level0: np.ndarray) 
     codes = np.zeros((k, len(level0)), np.int64)
     codes[0] = level0
     example = tasks.Example(text=request.text, prompt=request.prompt, codes=codes, kind="ar", level=0)
-    batch = Batch.from_numpy(tasks.collate([example], model.config.codebook_size, model.config.unified_positions))
+    c = model.config
+    batch = Batch.from_numpy(tasks.collate([example], c.codebook_size, c.unified_positions, c.task_after_prompt))
     hidden = model.hidden_states(batch)[0][0]  # (S, D)
     at = batch.targets[0] != tasks.IGNORE  # the response positions: the start id and the T codes
     return model.head_ar(hidden[at]).argmax(-1).numpy()

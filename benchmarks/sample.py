@@ -186,7 +186,8 @@ def ar_sequence(bench: Bench, request: Request, n: int) -> tuple[torch.Tensor, t
     """Embeddings (1, S, D), positions (1, S) and validity (1, S) of an AR row with n frames made: S = prefix + n."""
     codes = np.random.default_rng(n).integers(0, CODEBOOK_SIZE, (N_CODEBOOKS, n))
     example = tasks.Example(text=request.text, prompt=request.prompt, codes=codes, kind="ar", level=0)
-    batch = Batch.from_numpy(tasks.collate([example], CODEBOOK_SIZE, bench.model.config.unified_positions),
+    batch = Batch.from_numpy(tasks.collate([example], CODEBOOK_SIZE, bench.model.config.unified_positions,
+                                           bench.model.config.task_after_prompt),
                              bench.device)
     with torch.inference_mode(), bench.autocast():
         x = bench.model.embed(batch)

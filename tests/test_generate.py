@@ -440,3 +440,37 @@ def test_the_fixed_shape_step_gives_the_dynamic_steps_tokens(cfg):
     assert all(np.array_equal(a, b) for a, b in zip(dynamic, fixed, strict=True))
     with pytest.raises(InputError, match="--compile needs --arch transformer"):
         generate_ar(model_for("llama"), reqs, replace(GREEDY, fixed_shape=True))
+
+
+@pytest.mark.parametrize("arch", ["transformer", "llama"])
+@pytest.mark.parametrize("cfg", [False, True], ids=["plain", "cfg"])
+@torch.no_grad()
+def test_passes_after_a_shared_prefix_give_the_whole_sequences_hidden_states(arch, cfg):
+    from valle_cli.generation.generate import Passes, _examples, _layout
+
+    model = model_for(arch, unified_positions=arch == "llama")
+    assert model.config.task_after_prompt
+    reqs = [request(0), request(1, text=3, prompt=5), request(2, text=9, prompt=0)]
+    codes = [np.random.default_rng(i).integers(0, V, size=(K, t)) for i, t in enumerate((6, 9, 2))]
+    passes = Passes(model, room=10)
+    for kind, level in (("nar", 1), ("nar", 2), ("nar", 1)):  # the prefix is run once, by the first pass
+        batch = _layout(model, _examples(reqs, kind, codes, level, cfg), "cpu")
+        whole = model.hidden_states(batch)[0]
+        shared, offsets = passes.hidden(batch)
+        for r in range(len(batch.segment)):
+            start, t = int(batch.bidir_start[r]), codes[r % len(reqs)].shape[1]
+            torch.testing.assert_close(shared[r, start - offsets[r]:start - offsets[r] + t], whole[r, start:start + t],
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_nar_and_nar_len_tokens_with_and_without_the_shared_prefix(monkeypatch):
+    from valle_cli.generation import generate
+
+    model = model_for(seed=2)
+    reqs = [request(0), request(1, text=3, prompt=5, duration=7), request(2, duration=4)]
+    config = replace(GREEDY, mode="nar-len", steps=4, demask=SamplingParams(temperature=0.0, cfg_strength=1.0))
+    reqs = [replace(r, duration=r.duration or 5) for r in reqs]
+    shared = synthesize(model, reqs, config)
+    monkeypatch.setattr(generate.Passes, "hidden", lambda self, batch: (self.model.hidden_states(batch)[0], None))
+    whole = synthesize(model, reqs, config)
+    assert all(np.array_equal(a, b) for a, b in zip(shared, whole, strict=True))

@@ -71,6 +71,22 @@ def test_collate_layout_per_task():
     assert list(tasks.collate([ar], V, unified_positions=True).positions[0, :8]) == list(range(8))
 
 
+def test_task_after_prompt_layout_shares_the_prefix_of_every_task():
+    ar, nar, mask = example("ar"), example("nar", level=2, frames=5), example("mask", frames=6)
+    b = tasks.collate([ar, nar, mask], V, task_after_prompt=True)
+    assert (b.segment[0] == [1] * 5 + [2] + [4] * 4 + [3] + [5] * 8).all()
+    prefix = slice(0, 10)  # text, lang, prompt: the same inputs whatever the task
+    assert (b.prompt[0, :, 6:10] == ar.prompt).all() and (b.text[0, :5] == ar.text).all()
+    assert all((b.segment[i, prefix] == b.segment[0, prefix]).all() for i in (1, 2))
+    r0 = 11
+    assert b.bidir_start[1] == r0 and (b.targets[1, r0:r0 + 5] == nar.codes[2]).all()
+    assert b.len_position[2] == r0 - 1 and b.segment[2, r0 - 1] == tasks.TASK  # len read at the task token
+    assert list(b.positions[0, :12]) == [0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 0, 0]
+    # a checkpoint's config from before the field: the task-first layout it was trained with
+    old = {k: v for k, v in config().to_dict().items() if k != "task_after_prompt"}
+    assert not ModelConfig.from_saved(old).task_after_prompt and ModelConfig.from_dict(old).task_after_prompt
+
+
 def test_draw_examples_levels_tasks_and_dropout():
     rng = np.random.default_rng(0)
     records = [(np.arange(5), np.zeros((K, 30), np.int64)) for _ in range(2000)]

@@ -223,8 +223,11 @@ def sequence_length(example: Example) -> int:
             + (example.kind == "ar"))
 
 
-def collate(examples: list[Example], codebook_size: int, unified_positions: bool = False) -> SequenceBatch:
-    """Lay out ``<text> <lang> <task> <prompt> <response>`` per row, right-padded to the longest.
+def collate(examples: list[Example], codebook_size: int, unified_positions: bool = False,
+            task_after_prompt: bool = False) -> SequenceBatch:
+    """Lay out ``<text> <lang> <task> <prompt> <response>`` per row, right-padded to the longest; with
+    ``task_after_prompt`` ``<text> <lang> <prompt> <task> <response>`` (ModelConfig.task_after_prompt:
+    the causal prefix before the task token is then the same for every task of a request).
 
     Response inputs and targets per kind (codebook_size is the stop / start / mask id):
         ar    inputs [start, c0_0 .. c0_{T-1}]       targets [c0_0 .. c0_{T-1}, stop]   causal
@@ -239,7 +242,7 @@ def collate(examples: list[Example], codebook_size: int, unified_positions: bool
     for row, e in enumerate(examples):
         if e.codes.shape[0] != k or e.prompt.shape[0] != k:
             raise InputError(f"batch mixes codebook counts ({e.codes.shape[0]} vs {k})")
-        r0 = _lay_out_prefix(out, row, e, unified_positions)
+        r0 = _lay_out_prefix(out, row, e, unified_positions, task_after_prompt)
         out.lang[row], out.level[row] = e.lang, e.level
         out.task[row] = task_token(e.kind, e.level, k)
         _lay_out_response(out, row, e, r0)
@@ -258,19 +261,21 @@ def _empty_batch(b: int, s: int, k: int, codebook_size: int) -> SequenceBatch:
     )
 
 
-def _lay_out_prefix(out: SequenceBatch, row: int, e: Example, unified_positions: bool) -> int:
+def _lay_out_prefix(out: SequenceBatch, row: int, e: Example, unified_positions: bool,
+                    task_after_prompt: bool) -> int:
     """Segments and positions of the whole row, text and prompt codes (+ SEP); returns where the response starts."""
     n_text, n_frames = len(e.text), e.codes.shape[1]
     has_sep = e.prompt_split >= 0
     n_prompt = e.prompt.shape[1] + has_sep
     n_resp = n_frames + (e.kind == "ar")
-    bounds = np.cumsum([0, n_text, 1, 1, n_prompt, n_resp])  # segment starts, and the end
-    kinds = (TEXT, LANG, TASK, PROMPT, RESPONSE)
+    kinds = (TEXT, LANG, PROMPT, TASK, RESPONSE) if task_after_prompt else (TEXT, LANG, TASK, PROMPT, RESPONSE)
+    sizes = {TEXT: n_text, LANG: 1, TASK: 1, PROMPT: n_prompt, RESPONSE: n_resp}
+    bounds = np.cumsum([0, *(sizes[kind] for kind in kinds)])  # segment starts, and the end
     for kind, start, stop_at in zip(kinds, bounds[:-1], bounds[1:], strict=True):
         out.segment[row, start:stop_at] = kind
         out.positions[row, start:stop_at] = (np.arange(start, stop_at) if unified_positions
                                              else np.arange(stop_at - start))
-    t0, p0 = bounds[0], bounds[3]
+    t0, p0 = bounds[0], bounds[kinds.index(PROMPT)]
     out.text[row, t0:t0 + n_text] = e.text
     if has_sep:  # prefix, SEP, suffix
         cut = e.prompt_split

@@ -142,19 +142,88 @@ def _examples(requests: list[Request], kind: str, codes: list[np.ndarray], level
 
 
 def _layout(model: CodecLM, examples: list[tasks.Example], device: str) -> Batch:
-    sb = tasks.collate(examples, model.config.codebook_size, model.config.unified_positions)
+    sb = tasks.collate(examples, model.config.codebook_size, model.config.unified_positions,
+                       model.config.task_after_prompt)
     return Batch.from_numpy(sb, device)
 
 
 def _response_logits(head: Callable[[Tensor], Tensor], hidden: Tensor, batch: Batch, row: int, n: int, frames: int,
-                     cfg: bool) -> tuple[Tensor, Tensor | None]:
-    """(T, V) logits of the response of ``row``, and with ``cfg`` those of its null-condition row ``n + row``."""
+                     cfg: bool, offsets: list[int] | None = None) -> tuple[Tensor, Tensor | None]:
+    """(T, V) logits of the response of ``row``, and with ``cfg`` those of its null-condition row ``n + row``.
+
+    ``offsets``: column c of row r is ``hidden[r, c - offsets[r]]`` (a pass after a shared prefix)."""
 
     def read(r: int) -> Tensor:
-        start = int(batch.bidir_start[r])
+        start = int(batch.bidir_start[r]) - (offsets[r] if offsets else 0)
         return head(hidden[r, start:start + frames]).float()
 
     return read(row), read(n + row) if cfg else None
+
+
+# ----------------------------------------------------------------------------- full-sequence passes
+
+
+class Passes:
+    """The full-sequence passes over one set of rows (the NAR levels, the NAR-len rounds): hidden states.
+
+    With ``task_after_prompt`` (model/config.py) every pass shares its causal prefix, text + lang +
+    prompt, with every other: the first pass runs it into a KV cache, and each pass, that one included,
+    runs only its own columns from the task token on against it, so K - 1 NAR passes cost one prefix
+    and K - 1 responses instead of K - 1 whole sequences. Models of the task-first layout run whole
+    sequences. ``room``: the most columns (task token + response) one pass has.
+    """
+
+    def __init__(self, model: CodecLM, room: int):
+        self.model, self.room = model, room
+        self.cache: Any = None
+        self.lengths: list[int] = []  # prefix columns of each row
+        self.valid: Tensor | None = None  # (B, S0) bool: the prefix slots of each row
+
+    def hidden(self, batch: Batch) -> tuple[Tensor, list[int] | None]:
+        """Hidden states of a laid-out batch, and the offsets to read them with (see _response_logits):
+        (B, S, D) and None for whole sequences; (B, n, D) of the columns from each row's task token on."""
+        model = self.model
+        if not model.config.task_after_prompt:
+            return model.hidden_states(batch)[0], None
+        if self.cache is None:
+            self._run_prefix(batch)
+        b, s = batch.segment.shape
+        if b != len(self.lengths):
+            raise ValueError(f"Passes: a batch of {b} rows after a prefix of {len(self.lengths)}")
+        device = batch.segment.device
+        prefix = torch.tensor(self.lengths, device=device)  # (B,)
+        ends = (batch.segment != tasks.PAD).sum(1)  # (B,)
+        n = int((ends - prefix).max())
+        if n > self.room:
+            raise ValueError(f"Passes: {n} columns after the prefix, room for {self.room}")
+        j = torch.arange(n, device=device)
+        cols = (prefix[:, None] + j[None]).clamp_max(s - 1)  # (B, n) the columns of each row's task + response
+        in_row = j[None] < (ends - prefix)[:, None]  # (B, n)
+        x = model.embed(batch)  # (B, S, D)
+        x = x.gather(1, cols[..., None].expand(-1, -1, x.shape[-1]))  # (B, n, D)
+        positions = batch.positions.gather(1, cols)
+        # the response is bidirectional from its first column on; the task token sees the prefix and itself
+        own = prefix_bidirectional_mask(in_row, batch.bidir_start - prefix)  # (B, 1, n, n)
+        assert self.valid is not None
+        mask = torch.cat([self.valid[:, None, None, :].expand(-1, -1, n, -1), own], dim=-1)  # (B, 1, n, S0 + n)
+        s0 = self.valid.shape[1]
+        self.cache.crop(s0)
+        hidden = model.backbone(x, positions, mask, cache=self.cache).hidden  # (B, n, D)
+        self.cache.crop(s0)  # the next pass writes its own columns there
+        return hidden, self.lengths
+
+    def _run_prefix(self, batch: Batch) -> None:
+        model = self.model
+        seg = batch.segment
+        prefix = (seg == tasks.TASK).int().argmax(1)  # (B,) every row has one task token, after its prefix
+        s0 = int(prefix.max())
+        self.lengths = prefix.tolist()
+        self.valid = torch.arange(s0, device=seg.device)[None] < prefix[:, None]  # (B, S0)
+        x = model.embed(batch)[:, :s0]  # columns past a row's prefix are masked out (never read)
+        causal = torch.full((seg.shape[0],), s0, device=seg.device)
+        mask = prefix_bidirectional_mask(self.valid, causal)
+        self.cache = model.backbone.new_cache(seg.shape[0], s0 + self.room, seg.device, _cache_dtype(x, seg.device))
+        model.backbone(x, batch.positions[:, :s0], mask, cache=self.cache)
 
 
 # ----------------------------------------------------------------------------- AR (level 0)
@@ -344,14 +413,15 @@ def generate_nar(model: CodecLM, requests: list[Request], level0: list[np.ndarra
     params = config.nar
     cfg = params.cfg_strength != 0
     n = len(requests)
+    passes = Passes(model, room=1 + max(len(row) for row in level0))  # the task token + the response
     for level in range(1, k):
         batch = _layout(model, _examples(requests, "nar", codes, level, cfg), device)
-        hidden = model.hidden_states(batch)[0]
+        hidden, offsets = passes.hidden(batch)
         head = model.head_nar[level - 1]
         for i in range(n):
             if codes[i].shape[1] == 0:
                 continue
-            logits, uncond = _response_logits(head, hidden, batch, i, n, codes[i].shape[1], cfg)  # (T, V) each
+            logits, uncond = _response_logits(head, hidden, batch, i, n, codes[i].shape[1], cfg, offsets)  # (T, V)
             codes[i][level] = sample_tokens(logits, params, generator, uncond=uncond).cpu().numpy()
     if stats is not None:
         stats.nar_seconds += time.perf_counter() - start_time
@@ -404,9 +474,11 @@ def remask(tokens: np.ndarray, masked: np.ndarray, sampled: np.ndarray, scores: 
 
 
 def demask_round(model: CodecLM, requests: list[Request], tokens: list[np.ndarray], masked: list[np.ndarray],
-                 step: int, config: GenerateConfig, generator: torch.Generator | None) -> None:
+                 step: int, config: GenerateConfig, generator: torch.Generator | None,
+                 passes: Passes | None = None) -> None:
     """Round ``step`` of demasking: sample every masked frame of every row, keep the best (``tokens`` and
-    ``masked`` are updated in place). Guidance grows and the temperature falls with the rounds."""
+    ``masked`` are updated in place). Guidance grows and the temperature falls with the rounds.
+    ``passes``: the rounds' shared prefix (one per generate_nar_len call; None: a pass of its own)."""
     params, k, n = config.demask, model.config.n_codebooks, len(requests)
     progress = (step + 1) / config.steps
     strength = params.cfg_strength * progress if params.cfg_strength else 0.0  # annealed guidance
@@ -419,9 +491,10 @@ def demask_round(model: CodecLM, requests: list[Request], tokens: list[np.ndarra
         c[0] = np.where(masked[i], 0, tokens[i])
         codes.append(c)
     batch = _layout(model, _examples(requests, "mask", codes, 0, cfg, masked), str(next(model.parameters()).device))
-    hidden = model.hidden_states(batch)[0]
+    passes = passes or Passes(model, room=1 + max(len(t) for t in tokens))
+    hidden, offsets = passes.hidden(batch)
     for i in range(n):
-        logits, uncond = _response_logits(model.head_mask, hidden, batch, i, n, len(tokens[i]), cfg)  # (T, V) each
+        logits, uncond = _response_logits(model.head_mask, hidden, batch, i, n, len(tokens[i]), cfg, offsets)
         guided = guide(logits, uncond, strength, params.cfg_rescale)  # once: for the draw and the scores
         sampled = sample_tokens(guided, draw_params, generator)  # (T,)
         # scores from the unfiltered probabilities of what was drawn
@@ -440,8 +513,9 @@ def generate_nar_len(model: CodecLM, requests: list[Request], config: GenerateCo
     lengths = nar_len_durations(model, requests, config)
     tokens = [np.zeros(t, np.int64) for t in lengths]
     masked = [np.ones(t, bool) for t in lengths]
+    passes = Passes(model, room=1 + max(lengths))  # every round shares the prefix (and its rows: cfg stays on or off)
     for step in range(config.steps):
-        demask_round(model, requests, tokens, masked, step, config, generator)
+        demask_round(model, requests, tokens, masked, step, config, generator, passes)
         if on_step is not None:
             on_step(step, [x.copy() for x in tokens], [m.copy() for m in masked])
     if stats is not None:

@@ -59,6 +59,10 @@ class ModelConfig:
     n_langs: int = 8  # language embedding rows
     audio_embedding_sums: bool = True  # NAR response embedding = sum of the levels below the target
     unified_positions: bool = False  # False: positions restart at 0 in every segment (text, prompt, response)
+    # <text> <lang> <prompt> <task> <response>: the causal prefix before the task token is the same for
+    # every task of a request, so generation runs it once for the AR and all NAR / NAR-len passes.
+    # False: <text> <lang> <task> <prompt> <response>, the layout of checkpoints from before this field.
+    task_after_prompt: bool = True
     len_digits: int = 5  # the len task writes the frame count as this many base-10 digits
     capabilities: tuple[str, ...] = ("ar", "nar", "len")
 
@@ -91,6 +95,12 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         return config_from_dict(cls, data, "model")
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> ModelConfig:
+        """The config a checkpoint or run folder saved: a field it lacks has the value of the code that saved it."""
+        # saved before task_after_prompt existed: trained with the task token first
+        return cls.from_dict({"task_after_prompt": False, **data})
 
 
 PRESETS: dict[str, dict[str, Any]] = {

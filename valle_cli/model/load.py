@@ -18,7 +18,7 @@ def load_model(path: str | os.PathLike[str], device: str = "cpu", which: str = "
 
     folder = ckpt.resolve_checkpoint(path, which)
     meta = ckpt.read_meta(folder)  # format version first: nothing else is trusted before it
-    model = CodecLM(ModelConfig.from_dict(meta["model"]))
+    model = CodecLM(ModelConfig.from_saved(meta["model"]))
     if meta.get("lora"):
         from valle_cli.model.lora import LoraConfig, apply_lora
 

@@ -165,7 +165,8 @@ def make_batch(data: Any, rows: list[int], rng: np.random.Generator, task_config
         candidates = data.prompt_candidates(row)
         prompts.append(data.record(int(rng.choice(candidates)))[1] if len(candidates) else None)
     examples = tasks.draw_examples(records, prompts, rng, task_config, data.frame_rate, model_config.capabilities)
-    return tasks.collate(examples, model_config.codebook_size, model_config.unified_positions)
+    return tasks.collate(examples, model_config.codebook_size, model_config.unified_positions,
+                         model_config.task_after_prompt)
 
 
 def window_sampler(data: Any, config: TrainConfig, dist: Distributed, seed_offset: int = 0) -> Any:
@@ -207,7 +208,8 @@ def make_window_batch(data: Any, windows: list[tuple[int, int, int]], rng: np.ra
     """(row, start, length) windows of a ShardSet -> a laid-out batch of continuation / in-fill examples."""
     cuts = [np.asarray(data.record(row)[1][:, start:start + length]) for row, start, length in windows]
     examples = tasks.window_examples(cuts, rng, task_config, train_config.infill_p, model_config.capabilities)
-    return tasks.collate(examples, model_config.codebook_size, model_config.unified_positions)
+    return tasks.collate(examples, model_config.codebook_size, model_config.unified_positions,
+                         model_config.task_after_prompt)
 
 
 class Prefetcher:
@@ -581,7 +583,7 @@ def settle_configs(out: Path, resume: bool, overwrite: bool, dist: Distributed, 
             saved = read_run_config(out)
     if saved is None:
         return model_config, task_config, train_config, False
-    return (ModelConfig.from_dict(saved["model"]), tasks.TaskConfig.from_dict(saved["tasks"]),
+    return (ModelConfig.from_saved(saved["model"]), tasks.TaskConfig.from_dict(saved["tasks"]),
             replace(TrainConfig.from_dict(saved["train"]), max_steps=train_config.max_steps), True)
 
 
