@@ -21,9 +21,10 @@ default demasking sampler with CFG 2.5 for NAR-len). One short untimed run per m
 2. The cache against no cache (``GenerateConfig(use_cache=False)``: the whole sequence recomputed
    for every frame, as e-c-k-e-r/vall-e does). First single AR steps with n frames already made
    (cached: one token against the KV cache; no cache: a forward of the whole prefix + n sequence;
-   both with the mask, the AR head and the draw). Then whole no-cache runs for every length up to
-   ``--no-cache-max-seconds``; longer ones are skipped and estimated from the single steps (the
-   integral of the piecewise-linear step cost over the n of a run). The speed-up is no-cache
+   both with the mask, the AR head and the draw; the sampler column: the draw alone, from the head's
+   logits). Then whole no-cache runs for every length up to ``--no-cache-max-seconds``; longer ones
+   are skipped and estimated from the single steps (the integral of the piecewise-linear step cost
+   over the n of a run). The speed-up is no-cache
    ms/frame over cached ms/frame of a run of the longest length (estimated where skipped).
 3. NAR-len: ``--steps`` demasking rounds of level 0 at the given duration (no len prediction),
    then the NAR passes of levels 1..7; total time and RTF.
@@ -205,8 +206,9 @@ def timed_steps(bench: Bench, step: Callable[[], object], repeats: int) -> float
     return sorted(times)[len(times) // 2]
 
 
-def step_costs(bench: Bench, request: Request, n: int, repeats: int) -> tuple[float, float]:
-    """(cached, no-cache) seconds of the AR step that makes frame n + 1: mask, backbone, head, draw."""
+def step_costs(bench: Bench, request: Request, n: int, repeats: int) -> tuple[float, float, float]:
+    """(cached, no-cache, sampler) seconds of the AR step that makes frame n + 1: mask, backbone, head, draw;
+    the sampler alone is the draw from the head's logits (``sample_tokens``)."""
     model, stop = bench.model, CODEBOOK_SIZE
     x, positions, valid = ar_sequence(bench, request, n)
     s = x.shape[1]
@@ -231,7 +233,14 @@ def step_costs(bench: Bench, request: Request, n: int, repeats: int) -> tuple[fl
         mask = prefix_bidirectional_mask(valid, bidir_start)
         finish(model.backbone(x, positions, mask).hidden[:, -1])
 
-    return timed_steps(bench, cached, repeats * 4), timed_steps(bench, recompute, repeats)
+    with torch.inference_mode(), bench.autocast():
+        logits = model.head_ar(x[:, -1]).float()  # (1, V + 1)
+
+    def sampler() -> None:
+        sample_tokens(logits, AR_SAMPLER, generator, stop=stop)
+
+    return (timed_steps(bench, cached, repeats * 4), timed_steps(bench, recompute, repeats),
+            timed_steps(bench, sampler, repeats * 4))
 
 
 def run_estimate(costs: dict[int, float], frames: int) -> float:
@@ -286,14 +295,14 @@ def section_cache(bench: Bench, seconds: list[float], cached: dict[int, float], 
     requests = make_requests(1, bench.seed)
     prefix = TEXT_TOKENS + 3 + PROMPT_FRAMES  # text, lang, task, prompt, the AR start position
     print(f"one AR step with n frames already made (sequence of {prefix} + n): ms")
-    print(f"{'n':>7}{'cached':>10}{'no cache':>10}{'speed-up':>10}")
+    print(f"{'n':>7}{'cached':>10}{'no cache':>10}{'speed-up':>10}{'sampler':>10}")
     costs: dict[int, float] = {}
     for n in sorted({1, *(frames_of(s) for s in seconds)}):
         row = f"{n:>7}"
         try:
-            c, full = step_costs(bench, requests[0], n, repeats)
+            c, full, sampler = step_costs(bench, requests[0], n, repeats)
             costs[n] = full
-            row += f"{c * 1e3:>10.2f}{full * 1e3:>10.2f}{full / c:>9.1f}x"
+            row += f"{c * 1e3:>10.2f}{full * 1e3:>10.2f}{full / c:>9.1f}x{sampler * 1e3:>10.3f}"
         except Exception as e:
             row += f"  {fmt_error(e)}"
             recover(bench.device)
