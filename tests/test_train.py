@@ -368,3 +368,8 @@ def test_autocast_dtype_per_device_and_precision():
     assert autocast_dtype("auto", "cpu") is None and autocast_dtype("fp32", "cpu") is None
     assert autocast_dtype("bf16", "cpu") is torch.bfloat16
     assert autocast_dtype("fp32", "cuda") is None
+
+
+def test_flex_attention_training_on_the_cpu_is_refused_in_one_line(shards, tmp_path):
+    with pytest.raises(InputError, match="--attention flex trains on a CUDA device only"):
+        train(shards, tmp_path / "run", replace(TINY, attention="flex"), TASKS, QUICK, device="cpu")

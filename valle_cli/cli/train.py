@@ -65,6 +65,7 @@ class Attention(str, Enum):
     sdpa = "sdpa"
     flash = "flash"
     math = "math"
+    flex = "flex"
 
 
 class Schedule(str, Enum):

@@ -23,6 +23,13 @@ Backends:
     flash  ``flash_attn.flash_attn_func`` (layout (B, S, H, Dh), native GQA, bottom-right causal) when
            the ``flash_attn`` package imports, the tensors are CUDA fp16/bf16 and there is no mask.
            flash-attn cannot take an arbitrary mask, so anything else quietly runs on sdpa.
+    flex   ``torch.nn.attention.flex_attention`` for masked full-sequence passes (training, validation,
+           NAR): the dense mask becomes a block mask once per forward (``block_mask_of``), fully masked
+           blocks (padding, the causal upper triangle) are skipped and fully visible ones need no mask
+           reads, so the training mask (prefix-causal + bidirectional response) runs in a fused kernel.
+           Fused only under ``torch.compile`` (``valle train --compile``); eager flex_attention is a slow
+           reference. It has no backward on the CPU (training refuses flex there; gradient-free passes
+           use it). Cached decode steps and unmasked passes run on sdpa.
 
 ``resolve_backend`` turns the config value (``auto | sdpa | flash | math``) into one of these for a
 device. Only this module imports ``flash_attn``, and only lazily inside functions.
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +47,7 @@ from torch import Tensor
 
 from valle_cli.errors import ValleError
 
-BACKENDS = ("math", "sdpa", "flash")
+BACKENDS = ("math", "sdpa", "flash", "flex")
 
 _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 _SDPA_HAS_GQA = _TORCH_VERSION >= (2, 5)
@@ -76,7 +84,7 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
             raise ValleError(f"attention backend 'flash' needs a CUDA device, not {torch.device(device).type}; "
                              "use attention=auto or sdpa")
         return "flash"
-    if name in ("sdpa", "math"):
+    if name in ("sdpa", "math", "flex"):
         return name
     raise ValleError(f"unknown attention backend {name!r} (expected auto | {' | '.join(BACKENDS)})")
 
@@ -95,8 +103,10 @@ def expand_kv(x: Tensor, n_heads: int) -> Tensor:
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False,
-           backend: str = "sdpa", dropout_p: float = 0.0) -> Tensor:
-    """Scaled dot-product attention: q (B, H, Q, Dh), k/v (B, Hkv, S, Dh) -> (B, H, Q, Dh). See module doc."""
+           backend: str = "sdpa", dropout_p: float = 0.0, block_mask: Any = None) -> Tensor:
+    """Scaled dot-product attention: q (B, H, Q, Dh), k/v (B, Hkv, S, Dh) -> (B, H, Q, Dh). See module doc.
+
+    ``block_mask``: the flex backend's form of ``mask`` (``block_mask_of(mask)``, built once per forward)."""
     b, h, q_len, dh = q.shape
     h_kv, s_len = k.shape[1], k.shape[2]
     if h % h_kv or v.shape[1] != h_kv or k.shape[0] != b or k.shape[-1] != dh:
@@ -112,11 +122,29 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: 
 
     if backend == "flash" and _flash_usable(q, k, mask):
         return _attend_flash(q, k, v, causal, dropout_p)
+    if backend == "flex" and block_mask is not None and dropout_p == 0.0:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=h != h_kv)
     if backend == "math":
         return _attend_math(q, k, v, mask, causal, dropout_p)
     if backend not in BACKENDS:
         raise ValueError(f"attend: unknown backend {backend!r} (expected {' | '.join(BACKENDS)})")
     return _attend_sdpa(q, k, v, mask, causal, dropout_p)
+
+
+def block_mask_of(mask: Tensor) -> Any:
+    """A flex-attention BlockMask of a (B|1, 1, Q, S) bool mask (True = may attend), for every head."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    dense = mask[:, 0]  # (B|1, Q, S)
+    per_row = dense.shape[0] > 1
+
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return dense[b if per_row else 0, q, kv]
+
+    return create_block_mask(mask_mod, dense.shape[0] if per_row else None, None, dense.shape[1], dense.shape[2],
+                             device=str(mask.device))
 
 
 def attention_probs(q: Tensor, k: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:

@@ -22,7 +22,7 @@ from valle_cli.common import config_from_dict, config_to_dict
 from valle_cli.errors import InputError
 
 ARCHES = ("transformer", "llama", "mixtral")
-ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "math")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "math", "flex")
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class ModelConfig:
     moe_shared_expert: bool = True  # one always-on expert beside the routed ones (transformer arch)
     moe_every: int = 1  # every n-th layer is MoE (transformer arch; mixtral: all layers)
     router_aux_loss: float = 0.01  # weight of the load-balancing loss added to the training loss
-    attention: str = "auto"  # auto | sdpa | flash | math (see model/attention.py)
+    attention: str = "auto"  # auto | sdpa | flash | math | flex (see model/attention.py; flex: transformer arch)
     gradient_checkpointing: bool = False
     # -- the codec LM around the backbone (VALL-E's AR + NAR, plus NAR-len)
     n_codebooks: int = 8  # K: codebook levels of the codec

@@ -119,6 +119,8 @@ def check_supported(config: ModelConfig) -> None:
         unsupported.append("nope_every")
     if config.attention_chunk:
         unsupported.append("attention_chunk")
+    if config.attention == "flex":
+        unsupported.append("attention flex")
     if config.arch == "llama" and config.moe_experts:
         unsupported.append("moe_experts (use arch mixtral)")
     if config.arch == "mixtral" and config.moe_every != 1:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from valle_cli.model.attention import attend, attention_probs, causal_mask, resolve_backend
+from valle_cli.model.attention import attend, attention_probs, block_mask_of, causal_mask, resolve_backend
 from valle_cli.model.backbone_output import BackboneOutput
 from valle_cli.model.config import ModelConfig
 from valle_cli.model.masks import chunked_local
@@ -141,7 +142,7 @@ class Attention(nn.Module):
         self.probed: Tensor | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, backend: str,
-                kv: tuple[Tensor, Tensor, int | Tensor] | None = None) -> Tensor:
+                kv: tuple[Tensor, Tensor, int | Tensor] | None = None, block_mask: Any = None) -> Tensor:
         """x (B, T, D); mask (B|1, 1, T, S) or None = causal; kv = (k_buf, v_buf, start) of a cache.
 
         ``start`` an int: the new keys go to slots [start, start + T) and the queries attend over the
@@ -173,7 +174,7 @@ class Attention(nn.Module):
                 k_buf[:, :, start:start + t].copy_(k)
                 v_buf[:, :, start:start + t].copy_(v)
                 k, v = k_buf[:, :, :start + t], v_buf[:, :, :start + t]  # (B, Hkv, S, Dh) views
-        y = attend(q, k, v, mask=mask, causal=mask is None, backend=backend)  # (B, H, T, Dh)
+        y = attend(q, k, v, mask=mask, causal=mask is None, backend=backend, block_mask=block_mask)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.dropout(self.wo(y))
 
@@ -313,9 +314,9 @@ class Block(nn.Module):
         self.feed_forward = MoE(config) if self.is_moe else FeedForward(config.dim, config.hidden_dim, config.dropout)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, backend: str,
-                kv: tuple[Tensor, Tensor, int] | None = None, token_mask: Tensor | None = None
-                ) -> tuple[Tensor, Tensor]:
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, backend, kv)
+                kv: tuple[Tensor, Tensor, int] | None = None, token_mask: Tensor | None = None,
+                block_mask: Any = None) -> tuple[Tensor, Tensor]:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, backend, kv, block_mask)
         if self.is_moe:
             y, aux = self.feed_forward(self.ffn_norm(x), token_mask)
         else:
@@ -426,16 +427,21 @@ class Transformer(nn.Module):
             full = causal_mask(t, s, x.device)[None, None] if mask is None else mask  # (B|1, 1, T, S)
             local_mask = chunked_local(full, c.attention_chunk, query_offset=start)
 
+        blocks: dict[int, Any] = {}  # flex: a block mask per distinct mask, built once for every layer
+        # FlexAttention has no backward on the CPU: there it serves gradient-free passes only
+        if backend == "flex" and cache is None and mask is not None and (x.is_cuda or not torch.is_grad_enabled()):
+            blocks = {id(m): block_mask_of(m) for m in (mask, local_mask) if m is not None}
         use_checkpoint = c.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         aux = x.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
             layer_mask = local_mask if local_mask is not None and c.uses_rope(i) else mask
             kv = None if cache is None else (cache.k[i], cache.v[i], start)
+            block = blocks.get(id(layer_mask))
             if use_checkpoint:
-                x, layer_aux = checkpoint(layer, x, cos, sin, layer_mask, backend, kv, token_mask,
+                x, layer_aux = checkpoint(layer, x, cos, sin, layer_mask, backend, kv, token_mask, block,
                                           use_reentrant=False)
             else:
-                x, layer_aux = layer(x, cos, sin, layer_mask, backend, kv, token_mask)
+                x, layer_aux = layer(x, cos, sin, layer_mask, backend, kv, token_mask, block)
             aux = aux + layer_aux
         if cache is not None:
             cache.length = s

@@ -263,6 +263,9 @@ def build_model(model_config: ModelConfig, train_config: TrainConfig, device: st
 
     from valle_cli.model.valle import CodecLM, GuideConfig
 
+    if model_config.attention == "flex" and not device.startswith("cuda"):
+        raise InputError("--attention flex trains on a CUDA device only (FlexAttention has no backward on the "
+                         "CPU); use --attention auto")
     with torch.device("cpu"):
         model = CodecLM(model_config, len_loss_weight=train_config.len_loss_weight, guide=GuideConfig(
             weight=train_config.align_loss_weight, width=train_config.align_width,
