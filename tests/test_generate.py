@@ -474,3 +474,24 @@ def test_nar_and_nar_len_tokens_with_and_without_the_shared_prefix(monkeypatch):
     monkeypatch.setattr(generate.Passes, "hidden", lambda self, batch: (self.model.hidden_states(batch)[0], None))
     whole = synthesize(model, reqs, config)
     assert all(np.array_equal(a, b) for a, b in zip(shared, whole, strict=True))
+
+
+@pytest.mark.parametrize("arch", ["transformer", "llama"])
+@pytest.mark.parametrize(("ar_cfg", "nar_cfg"), [(0.0, 0.0), (1.5, 1.0), (1.5, 0.0)], ids=["plain", "cfg", "ar-cfg"])
+def test_the_nar_passes_reuse_the_ar_prefix_and_give_the_same_codes(arch, ar_cfg, nar_cfg, monkeypatch):
+    from valle_cli.generation import generate
+
+    model = model_for(arch, seed=4)
+    with torch.no_grad():
+        model.head_ar.bias[V] = -100.0
+    reqs = [request(0), request(1, text=3, prompt=5), request(2, text=8, prompt=0)]
+    config = replace(GREEDY, max_frames=9, ar=SamplingParams(temperature=0.0, cfg_strength=ar_cfg),
+                     nar=SamplingParams(temperature=0.0, cfg_strength=nar_cfg))
+    adopted = []
+    adopt = generate.Passes.adopt
+    monkeypatch.setattr(generate.Passes, "adopt", lambda self, *a: adopted.append(1) or adopt(self, *a))
+    shared = synthesize(model, reqs, config)
+    assert adopted == ([1] if (ar_cfg != 0) == (nar_cfg != 0) else [])  # the same rows: the AR's cache reused
+    monkeypatch.setattr(generate.Passes, "hidden", lambda self, batch: (self.model.hidden_states(batch)[0], None))
+    whole = synthesize(model, reqs, config)
+    assert all(np.array_equal(a, b) for a, b in zip(shared, whole, strict=True))

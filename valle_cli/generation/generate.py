@@ -179,6 +179,14 @@ class Passes:
         self.lengths: list[int] = []  # prefix columns of each row
         self.valid: Tensor | None = None  # (B, S0) bool: the prefix slots of each row
 
+    def adopt(self, cache: Any, prefix_lengths: list[int], device: torch.device) -> None:
+        """Take over a cache that already holds every row's prefix in its first slots (the AR's, whose rows
+        were laid out the same way), so the passes run no prefix of their own."""
+        s0 = max(prefix_lengths)
+        self.cache, self.lengths = cache, list(prefix_lengths)
+        self.valid = torch.arange(s0, device=device)[None] < torch.tensor(prefix_lengths, device=device)[:, None]
+        self.cache.crop(s0)
+
     def hidden(self, batch: Batch) -> tuple[Tensor, list[int] | None]:
         """Hidden states of a laid-out batch, and the offsets to read them with (see _response_logits):
         (B, S, D) and None for whole sequences; (B, n, D) of the columns from each row's task token on."""
@@ -194,8 +202,10 @@ class Passes:
         prefix = torch.tensor(self.lengths, device=device)  # (B,)
         ends = (batch.segment != tasks.PAD).sum(1)  # (B,)
         n = int((ends - prefix).max())
-        if n > self.room:
-            raise ValueError(f"Passes: {n} columns after the prefix, room for {self.room}")
+        assert self.valid is not None
+        s0 = self.valid.shape[1]
+        if s0 + n > self.cache.max_len:
+            raise ValueError(f"Passes: {n} columns after a prefix of {s0}, a cache of {self.cache.max_len} slots")
         j = torch.arange(n, device=device)
         cols = (prefix[:, None] + j[None]).clamp_max(s - 1)  # (B, n) the columns of each row's task + response
         in_row = j[None] < (ends - prefix)[:, None]  # (B, n)
@@ -204,9 +214,7 @@ class Passes:
         positions = batch.positions.gather(1, cols)
         # the response is bidirectional from its first column on; the task token sees the prefix and itself
         own = prefix_bidirectional_mask(in_row, batch.bidir_start - prefix)  # (B, 1, n, n)
-        assert self.valid is not None
         mask = torch.cat([self.valid[:, None, None, :].expand(-1, -1, n, -1), own], dim=-1)  # (B, 1, n, S0 + n)
-        s0 = self.valid.shape[1]
         self.cache.crop(s0)
         hidden = model.backbone(x, positions, mask, cache=self.cache).hidden  # (B, n, D)
         self.cache.crop(s0)  # the next pass writes its own columns there
@@ -281,6 +289,7 @@ class ARDecoder:
     seq_x: Tensor | None  # without a cache: the whole sequence so far (B, S, D)
     seq_pos: Tensor | None  # and its positions (B, S)
     slot: Tensor | None = None  # fixed shape: (1,) the cache slot of the next frame, advanced in place
+    prefix_lengths: list[int] | None = None  # task_after_prompt: each row's text + lang + prompt slots
 
     def feed(self, token: Tensor, t: int) -> None:
         """Append frame ``t`` (token (B,)) to every row and move ``h`` to it."""
@@ -332,7 +341,9 @@ def ar_prefill(model: CodecLM, requests: list[Request], config: GenerateConfig, 
                      next_position=batch.positions.gather(1, last[:, None]).squeeze(1) + 1,
                      step_needs_mask=not bool(valid_prefix.all()), h=hidden[torch.arange(b, device=device), last],
                      seq_x=None if config.use_cache else x, seq_pos=None if config.use_cache else batch.positions,
-                     slot=torch.full((1,), s0, dtype=torch.long, device=device) if fixed else None)
+                     slot=torch.full((1,), s0, dtype=torch.long, device=device) if fixed else None,
+                     prefix_lengths=((batch.segment == tasks.TASK).int().argmax(1).tolist()
+                                     if model.config.task_after_prompt else None))
 
 
 def _cache_dtype(x: Tensor, device: torch.device) -> torch.dtype:
@@ -365,8 +376,12 @@ def _until_stop(codes: np.ndarray, stop: int) -> list[np.ndarray]:
 
 @torch.no_grad()
 def generate_ar(model: CodecLM, requests: list[Request], config: GenerateConfig,
-                generator: torch.Generator | None = None, stats: GenerateStats | None = None) -> list[np.ndarray]:
-    """Level-0 codes (T_i,) per request, up to (not including) the stop token."""
+                generator: torch.Generator | None = None, stats: GenerateStats | None = None,
+                passes: Passes | None = None) -> list[np.ndarray]:
+    """Level-0 codes (T_i,) per request, up to (not including) the stop token.
+
+    ``passes``: hand the AR's KV cache, whose first slots hold every row's prefix, to the NAR passes
+    that follow (task_after_prompt models; the same rows: CFG on in both passes or in neither)."""
     start_time = time.perf_counter()
     cfg = config.ar.cfg_strength != 0
     # a row ends at max_frames or at the end of the model's context, whichever comes first
@@ -389,6 +404,8 @@ def generate_ar(model: CodecLM, requests: list[Request], config: GenerateConfig,
         if steps == config.max_frames:
             break
         decoder.feed(token.repeat(2) if cfg else token, t)  # the null rows continue the same response
+    if passes is not None and decoder.cache is not None and decoder.prefix_lengths is not None:
+        passes.adopt(decoder.cache, decoder.prefix_lengths, decoder.valid.device)
     if stats is not None:
         stats.ar_frames += steps
         stats.ar_seconds += time.perf_counter() - start_time
@@ -400,8 +417,10 @@ def generate_ar(model: CodecLM, requests: list[Request], config: GenerateConfig,
 
 @torch.no_grad()
 def generate_nar(model: CodecLM, requests: list[Request], level0: list[np.ndarray], config: GenerateConfig,
-                 generator: torch.Generator | None = None, stats: GenerateStats | None = None) -> list[np.ndarray]:
-    """(K, T_i) codes per request: level 0 given, each further level from the ones below in one pass."""
+                 generator: torch.Generator | None = None, stats: GenerateStats | None = None,
+                 passes: Passes | None = None) -> list[np.ndarray]:
+    """(K, T_i) codes per request: level 0 given, each further level from the ones below in one pass.
+    ``passes``: holding the AR's prefix already (generate_ar's ``passes``); None: a prefix of their own."""
     start_time = time.perf_counter()
     device = str(next(model.parameters()).device)
     k = model.config.n_codebooks
@@ -413,7 +432,7 @@ def generate_nar(model: CodecLM, requests: list[Request], level0: list[np.ndarra
     params = config.nar
     cfg = params.cfg_strength != 0
     n = len(requests)
-    passes = Passes(model, room=1 + max(len(row) for row in level0))  # the task token + the response
+    passes = passes or Passes(model, room=1 + max(len(row) for row in level0))  # the task token + the response
     for level in range(1, k):
         batch = _layout(model, _examples(requests, "nar", codes, level, cfg), device)
         hidden, offsets = passes.hidden(batch)
@@ -596,11 +615,15 @@ def synthesize(model: CodecLM, requests: list[Request], config: GenerateConfig =
     if seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
+    passes = None
     if mode == "ar+nar":
-        level0 = generate_ar(model, requests, config, generator, stats)
+        same_rows = (config.ar.cfg_strength != 0) == (config.nar.cfg_strength != 0)  # the null rows too, or neither
+        shared = Passes(model, room=0) if same_rows and config.use_cache else None  # the AR's cache, adopted
+        level0 = generate_ar(model, requests, config, generator, stats, passes=shared)
+        passes = shared if shared is not None and shared.cache is not None else None
     else:
         level0 = generate_nar_len(model, requests, config, generator, stats)
-    return generate_nar(model, requests, level0, config, generator, stats)
+    return generate_nar(model, requests, level0, config, generator, stats, passes=passes)
 
 
 def synthesize_long(model: CodecLM, sentences: list[np.ndarray], prompt: np.ndarray, config: GenerateConfig,
