@@ -9,7 +9,9 @@ as ``valle sample --quantize int8`` loads it, and decodes greedily (temperature 
 
 1. AR, teacher-forced: the fp32 model's greedy level 0, fed through both models in one forward;
    the share of positions where int8's argmax is fp32's (codes and the stop token). This is the
-   per-step agreement, free of the divergence that a single different token starts.
+   per-step agreement, free of the divergence that a single different token starts. A whole sequence
+   is a product of many rows, so this measures the int8 weights dequantised (model/int8.py), not the
+   bf16-activation kernel of the decode steps, which the free-running figures include.
 2. AR, free-running: each model decodes on its own; rows whose codes are identical, the mean share
    of frames equal up to the first difference, and the lengths (frames) of both.
 3. NAR, levels 1..K-1 from the fp32 level 0: the share of equal codes per level.

@@ -7,11 +7,11 @@ import torch
 import torch.nn as nn
 
 from valle_cli.model.config import preset
-from valle_cli.model.int8 import KERNEL_BLOCK, Int8Linear, quantize_int8
+from valle_cli.model.int8 import KERNEL_BLOCK, KERNEL_MAX_ROWS, Int8Linear, quantize_int8
 from valle_cli.model.valle import CodecLM
 
 
-@pytest.mark.parametrize("rows", [1, 3, 17])
+@pytest.mark.parametrize("rows", [1, 3, 9])
 @pytest.mark.parametrize(("k", "n"), [(64, 7), (96, 1025), (200, 48)])
 @torch.no_grad()
 def test_int8_linear_matches_its_dequantized_weight(rows: int, k: int, n: int) -> None:
@@ -24,7 +24,7 @@ def test_int8_linear_matches_its_dequantized_weight(rows: int, k: int, n: int) -
     reference = x @ q.dequantized().T + (0 if linear.bias is None else linear.bias)  # (2, rows, n)
     y = q(x)
     assert y.shape == (2, rows, n) and y.dtype == torch.float32
-    assert q.uses_kernel(x) == (k % KERNEL_BLOCK == 0)
+    assert q.uses_kernel(x) == (k % KERNEL_BLOCK == 0 and 2 * rows < KERNEL_MAX_ROWS)
     # the CPU kernel takes bf16 activations: within bf16 rounding of the exact product
     torch.testing.assert_close(y, reference, atol=0.02 * reference.abs().max().item(), rtol=0.0)
     assert (y - linear(x)).abs().max() < 0.05 * linear(x).abs().max()

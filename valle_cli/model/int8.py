@@ -9,7 +9,8 @@ weights: 20 MB of fp32 per frame at the small preset. Stored as int8 with one sc
 On the CPU the product runs in torch's int8-weight kernel (``torch._weight_int8pack_mm``: bf16
 activations, the scales applied in the kernel; 1.5-2x an fp32 product of the same shape on one
 core). It needs ``in_features`` to be a multiple of 32 (measured: other widths give wrong results),
-so other layers, and other devices, dequantise to the activations' dtype and call ``F.linear``
+so other layers, products of 16 rows or more (full-sequence passes), and other devices dequantise to the
+activations' dtype and call ``F.linear``
 (under ``torch.compile`` on a GPU the dequantisation fuses into the product, as in gpt-fast).
 
 Activations go into the CPU kernel as bf16, so outputs differ from fp32 by more than the weights'
@@ -24,6 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 KERNEL_BLOCK = 32  # torch._weight_int8pack_mm: in_features must be a multiple of this
+# The kernel's cost grows linearly with the rows (a matrix-vector product per row): from 16 rows on,
+# dequantising and one fp32 matrix product is as fast (one core, 768 x 256: 122 against 113 us at 16
+# rows, 1,413 against 926 at 226), so full-sequence passes (prefill, NAR) take that path.
+KERNEL_MAX_ROWS = 16
 
 
 class Int8Linear(nn.Module):
@@ -40,7 +45,8 @@ class Int8Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def uses_kernel(self, x: Tensor) -> bool:
-        return x.device.type == "cpu" and self.in_features % KERNEL_BLOCK == 0
+        rows = x.numel() // max(x.shape[-1], 1)
+        return x.device.type == "cpu" and self.in_features % KERNEL_BLOCK == 0 and rows < KERNEL_MAX_ROWS
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., K) -> (..., N) in x's dtype."""
