@@ -163,6 +163,11 @@ def _response_logits(head: Callable[[Tensor], Tensor], hidden: Tensor, batch: Ba
 # ----------------------------------------------------------------------------- full-sequence passes
 
 
+def prefix_columns(segment: Tensor) -> Tensor:
+    """(B,) the text + lang + prompt columns of each row of a task-after-prompt layout: where its task token is."""
+    return (segment == tasks.TASK).int().argmax(1)
+
+
 class Passes:
     """The full-sequence passes over one set of rows (the NAR levels, the NAR-len rounds): hidden states.
 
@@ -215,7 +220,6 @@ class Passes:
         # the response is bidirectional from its first column on; the task token sees the prefix and itself
         own = prefix_bidirectional_mask(in_row, batch.bidir_start - prefix)  # (B, 1, n, n)
         mask = torch.cat([self.valid[:, None, None, :].expand(-1, -1, n, -1), own], dim=-1)  # (B, 1, n, S0 + n)
-        self.cache.crop(s0)
         hidden = model.backbone(x, positions, mask, cache=self.cache).hidden  # (B, n, D)
         self.cache.crop(s0)  # the next pass writes its own columns there
         return hidden, self.lengths
@@ -223,7 +227,7 @@ class Passes:
     def _run_prefix(self, batch: Batch) -> None:
         model = self.model
         seg = batch.segment
-        prefix = (seg == tasks.TASK).int().argmax(1)  # (B,) every row has one task token, after its prefix
+        prefix = prefix_columns(seg)  # (B,)
         s0 = int(prefix.max())
         self.lengths = prefix.tolist()
         self.valid = torch.arange(s0, device=seg.device)[None] < prefix[:, None]  # (B, S0)
@@ -342,8 +346,7 @@ def ar_prefill(model: CodecLM, requests: list[Request], config: GenerateConfig, 
                      step_needs_mask=not bool(valid_prefix.all()), h=hidden[torch.arange(b, device=device), last],
                      seq_x=None if config.use_cache else x, seq_pos=None if config.use_cache else batch.positions,
                      slot=torch.full((1,), s0, dtype=torch.long, device=device) if fixed else None,
-                     prefix_lengths=((batch.segment == tasks.TASK).int().argmax(1).tolist()
-                                     if model.config.task_after_prompt else None))
+                     prefix_lengths=prefix_columns(batch.segment).tolist() if model.config.task_after_prompt else None)
 
 
 def _cache_dtype(x: Tensor, device: torch.device) -> torch.dtype:

@@ -9,12 +9,12 @@ weights: 20 MB of fp32 per frame at the small preset. Stored as int8 with one sc
 On the CPU the product runs in torch's int8-weight kernel (``torch._weight_int8pack_mm``: bf16
 activations, the scales applied in the kernel; 1.5-2x an fp32 product of the same shape on one
 core). It needs ``in_features`` to be a multiple of 32 (measured: other widths give wrong results),
-so other layers, products of 16 rows or more (full-sequence passes), and other devices dequantise to the
-activations' dtype and call ``F.linear``
-(under ``torch.compile`` on a GPU the dequantisation fuses into the product, as in gpt-fast).
+so other layers, products of 16 rows or more (full-sequence passes), and other devices dequantise
+to the activations' dtype and call ``F.linear`` (under ``torch.compile`` on a GPU the dequantisation
+fuses into the product, as in gpt-fast).
 
 Activations go into the CPU kernel as bf16, so outputs differ from fp32 by more than the weights'
-rounding: ``benchmarks/sample.py --quantize int8`` reports the greedy token agreement with fp32.
+rounding: ``benchmarks/int8_agreement.py`` measures the greedy token agreement with fp32.
 """
 
 from __future__ import annotations

@@ -42,12 +42,16 @@ def decode_step_mask(valid: Tensor, query_positions: int) -> Tensor:
     return mask[:, None]
 
 
-def chunked_local(mask: Tensor, chunk: int, query_offset: int = 0) -> Tensor:
+def chunked_local(mask: Tensor, chunk: int, query_offset: int | Tensor = 0) -> Tensor:
     """Restrict a (B, 1, Q, S) mask to keys in the query's chunk of ``chunk`` tokens (Llama 4 iRoPE).
 
-    Query q sits at absolute position ``query_offset + q``; key j at position j.
+    Query q sits at absolute position ``query_offset + q``, or at ``query_offset[q]`` when it is a (Q,)
+    tensor of slots (the fixed-shape decode step); key j at position j.
     """
     _, _, nq, s = mask.shape
-    q = torch.arange(query_offset, query_offset + nq, device=mask.device) // chunk
+    if isinstance(query_offset, Tensor):
+        q = query_offset // chunk
+    else:
+        q = torch.arange(query_offset, query_offset + nq, device=mask.device) // chunk
     j = torch.arange(s, device=mask.device) // chunk
     return mask & (q[:, None] == j[None, :])

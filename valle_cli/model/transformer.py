@@ -464,9 +464,8 @@ class Transformer(nn.Module):
         backend = resolve_backend(c.attention, x.device)
         cos, sin = self.rope(positions)  # (B, 1, T, Dh)
         local_mask = None
-        if c.attention_chunk > 0:  # the RoPE layers see only the query's chunk of slots (as chunked_local)
-            chunk_of_key = torch.arange(cache.max_len, device=x.device) // c.attention_chunk  # (max_len,)
-            local_mask = mask & ((slots // c.attention_chunk)[:, None] == chunk_of_key[None, :])
+        if c.attention_chunk > 0:  # the RoPE layers see only the query's chunk of slots
+            local_mask = chunked_local(mask, c.attention_chunk, query_offset=slots)
         for i, layer in enumerate(self.layers):
             layer_mask = local_mask if local_mask is not None and c.uses_rope(i) else mask
             x, _ = layer(x, cos, sin, layer_mask, backend, (cache.k[i], cache.v[i], slots))
